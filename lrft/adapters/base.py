@@ -1,0 +1,253 @@
+"""The interface every adapter implements.
+
+An adapter type is three things, all in one file under ``lrft/adapters/``:
+
+* a pydantic ``Config`` (subclass of :class:`AdapterConfig`) with ``type: Literal["<name>"]`` and the
+  type's own options; unknown keys are rejected by the recipe loader;
+* a layer class (subclass of :class:`AdapterLayer`) that wraps one frozen linear (``nn.Linear``,
+  bitsandbytes ``Linear4bit`` or ``Linear8bitLt``) and adds ``delta(x) = x @ ΔWᵀ`` to its output;
+* optionally a :class:`Controller` subclass for model-wide work between optimizer steps (gradient
+  masking, rank pruning, regularisers summed over layers).
+
+The registry in ``lrft/adapters/__init__.py`` maps ``type`` to these. ``delta_weight()`` is the single
+definition of ΔW: merge, inspect-rank and the tests all go through it, and the tests pin that the forward
+applies exactly that matrix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Callable, ClassVar, Literal, Optional, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+# The five projections the LLM-Adapters / RandLoRA commonsense runs adapt.
+PUBLISHED_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+class AdapterConfig(BaseModel):
+    """Options every adapter has. Subclasses add ``type: Literal[...]`` and their own fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    r: int = Field(16, gt=0, description="rank (LoRA family) or basis rank (random-basis family)")
+    alpha: Optional[float] = Field(None, gt=0, description="scaling numerator; scaling = alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Union[list[str], str] = Field(
+        default_factory=lambda: list(PUBLISHED_TARGETS),
+        description="module-name suffixes (list) or a regex matched against full module names (str)",
+    )
+    seed: int = Field(0, description="seed of the frozen random tensors (random-basis adapters)")
+
+    def default_alpha(self) -> float:
+        """The scaling numerator used when the recipe leaves ``alpha`` unset."""
+        return 2.0 * self.r
+
+    @property
+    def scaling(self) -> float:
+        return (self.alpha if self.alpha is not None else self.default_alpha()) / self.r
+
+
+class SharedTensors:
+    """Frozen random tensors shared by every layer that asks for the same name.
+
+    Random-basis adapters (RandLoRA, VeRA, NoLA) use the same bases in every layer of a given shape. They
+    are generated here once, on the CPU from a seed derived from ``(adapter seed, name)`` so that every
+    process and device gets bit-identical values without a broadcast, then moved to the target device and
+    dtype. They are never registered as per-layer buffers (that would copy them per layer on ``.to()`` and
+    save them per layer), and never saved: the adapter file records the seed and the sampler instead.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._cache: dict[tuple, Tensor] = {}
+
+    def seed_for(self, name: str) -> int:
+        digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+    def get(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        sampler: Callable[[tuple[int, ...], torch.Generator], Tensor],
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        device = torch.device(device)
+        key = (name, tuple(shape), str(device), dtype)
+        if key not in self._cache:
+            if device.type == "meta":
+                tensor = torch.empty(shape, device="meta", dtype=dtype)
+            else:
+                generator = torch.Generator("cpu").manual_seed(self.seed_for(name))
+                tensor = sampler(tuple(shape), generator).to(device=device, dtype=dtype)
+            self._cache[key] = tensor
+        return self._cache[key]
+
+    def tensors(self) -> dict[tuple, Tensor]:
+        return dict(self._cache)
+
+
+def base_weight_info(base: nn.Module) -> tuple[int, int, torch.device]:
+    """(in_features, out_features, device) of a plain or bitsandbytes linear."""
+    weight = base.weight
+    return base.in_features, base.out_features, weight.device
+
+
+class AdapterLayer(nn.Module):
+    """Wraps one frozen linear; ``forward(x) = base(x) + delta(dropout(x))``.
+
+    Subclasses create their parameters in ``__init__`` (after calling ``super().__init__``) and implement
+    ``delta``, ``delta_weight`` and ``num_trainable``. Trainable parameters are float32 (the optimizer
+    needs the precision); frozen random tensors are stored in ``frozen_dtype`` (the compute dtype, never
+    upcast). Construction must also work when the base weight lives on the ``meta`` device (dry runs).
+    """
+
+    config_class: ClassVar[type[AdapterConfig]]
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        config: AdapterConfig,
+        shared: SharedTensors,
+        name: str,
+        frozen_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.base_layer = base_layer
+        self.config = config
+        self.name = name
+        self.in_features, self.out_features, self.device = base_weight_info(base_layer)
+        self.frozen_dtype = frozen_dtype
+        self.scaling = config.scaling
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+
+    # --- what a subclass implements -------------------------------------------------------------
+    def delta(self, x: Tensor) -> Tensor:
+        """``x @ ΔWᵀ`` for x of shape (..., in_features), including the scaling."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> Tensor:
+        """ΔW, shape (out_features, in_features), float32, including the scaling."""
+        raise NotImplementedError
+
+    @classmethod
+    def num_trainable(cls, in_features: int, out_features: int, config: AdapterConfig) -> int:
+        """The paper's trainable-parameter formula for one layer (tests pin it to the real count)."""
+        raise NotImplementedError
+
+    def extra_loss(self) -> Optional[Tensor]:
+        """A regulariser for this layer, already weighted, or None."""
+        return None
+
+    def factors(self) -> Optional[tuple[Tensor, Tensor]]:
+        """(B, A) with ΔW = B @ A exactly (scaling folded in), for adapters that are low-rank products.
+
+        inspect-rank uses it to get the spectrum from QR of the factors instead of a full SVD. Full-rank
+        adapters return None.
+        """
+        return None
+
+    # --- shared behaviour -----------------------------------------------------------------------
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        return result + self.delta(self.dropout(x)).to(result.dtype)
+
+    def param_dtype_input(self, x: Tensor) -> Tensor:
+        """Cast activations to the adapter's parameter dtype unless autocast decides the matmul dtype."""
+        if torch.is_autocast_enabled(x.device.type) if x.device.type != "meta" else False:
+            return x
+        return x.to(torch.float32)
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """What is saved for this layer: trainable parameters and persistent buffers, not the base."""
+        state = {}
+        for key, value in self.state_dict(keep_vars=False).items():
+            if not key.startswith("base_layer."):
+                state[key] = value.detach()
+        return state
+
+    def load_adapter_state_dict(self, state: dict[str, Tensor]) -> None:
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith("base_layer.")}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"layer {self.name}: missing {missing}, unexpected {unexpected}")
+        for key, value in state.items():
+            if own[key].shape != value.shape:
+                raise ValueError(
+                    f"layer {self.name}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}"
+                )
+        self.load_state_dict(state, strict=False)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.config.r}, scaling={self.scaling:g}"
+
+
+class Controller:
+    """Model-wide behaviour between optimizer steps. The training loop calls, in order, every step:
+
+    ``start_step(step)`` before the step's micro-batches; ``extra_loss()`` added to each micro-batch's
+    loss; ``before_optimizer_step(step, optimizer)`` after all backward passes (gradients available);
+    ``after_optimizer_step(step, optimizer)`` after ``optimizer.step()``. ``step`` counts optimizer steps
+    from 0. The default sums the layers' ``extra_loss`` and does nothing else.
+    """
+
+    def __init__(self, layers: dict[str, AdapterLayer], config: AdapterConfig, total_steps: int):
+        self.layers = layers
+        self.config = config
+        self.total_steps = total_steps
+
+    def start_step(self, step: int) -> None:
+        pass
+
+    def extra_loss(self) -> Optional[Tensor]:
+        terms = [t for t in (layer.extra_loss() for layer in self.layers.values()) if t is not None]
+        if not terms:
+            return None
+        return torch.stack([t.float() for t in terms]).sum()
+
+    def before_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra state for exact resume (e.g. importance EMAs), JSON- or tensor-valued."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def summary(self) -> dict[str, Any]:
+        """Facts worth saving in adapter_config.json at the end (e.g. final per-layer ranks)."""
+        return {}
+
+
+def kaiming_uniform_(tensor: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``nn.init.kaiming_uniform_(a=sqrt(5))`` (the nn.Linear / LoRA-A default), honouring a generator."""
+    fan_in = tensor.shape[1]
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    with torch.no_grad():
+        if tensor.device.type == "meta":
+            return tensor
+        return tensor.uniform_(-bound, bound, generator=generator)
+
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterLayer",
+    "Controller",
+    "SharedTensors",
+    "PUBLISHED_TARGETS",
+    "kaiming_uniform_",
+    "Literal",
+]

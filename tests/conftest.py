@@ -1,0 +1,69 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+# Tests never reach the network; the embedded model is converted once per test session.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _lrft_cache(tmp_path_factory):
+    # A persistent cache across sessions keeps the GGUF conversion (about 20 s) to once per machine.
+    os.environ.setdefault("LRFT_CACHE", str(ROOT / ".pytest_cache" / "lrft"))
+    yield
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+@pytest.fixture
+def tiny_model():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+def make_linear(kind: str, in_features: int, out_features: int, seed: int = 0, bias: bool = False):
+    """A frozen linear of the given kind: 'none' (nn.Linear), 'nf4', 'fp4' or 'int8' (bitsandbytes)."""
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(in_features, out_features, bias=bias)
+    if kind == "none":
+        return lin.requires_grad_(False)
+    import bitsandbytes as bnb
+
+    if kind in ("nf4", "fp4"):
+        q = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=torch.float32, quant_type=kind)
+        q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type=kind)
+    elif kind == "int8":
+        q = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias, has_fp16_weights=False, threshold=0.0)
+        q.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    else:
+        raise ValueError(kind)
+    if bias:
+        q.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    return q.to("cpu")
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
