@@ -51,7 +51,7 @@ def check_forward_uses_delta_weight(layer, atol=1e-4, rtol=1e-4):
     torch.testing.assert_close(got.double(), x.double() @ layer.delta_weight().double().T, atol=atol, rtol=rtol)
 
 
-def check_gradients(layer, naive_delta_fn, atol=1e-4, rtol=1e-3):
+def check_gradients(layer, naive_delta_fn, rel=1e-5):
     """Gradients of a scalar loss through the layer equal autograd of the naive float64 formula.
 
     ``naive_delta_fn(params: dict[str, Tensor(float64, requires_grad)]) -> ΔW`` builds ΔW from the
@@ -68,12 +68,14 @@ def check_gradients(layer, naive_delta_fn, atol=1e-4, rtol=1e-3):
     loss = ((layer(x) - target) ** 2).sum()
     loss.backward()
     ref = {n: p.detach().double().clone().requires_grad_(True) for n, p in trainables.items()}
-    W = dequantized_weight(layer.base_layer, torch.float64)
     base_out = layer.base_layer(x).double().detach()
     ref_out = base_out + x.double() @ naive_delta_fn(ref).T
     ((ref_out - target.double()) ** 2).sum().backward()
     assert trainables, "adapter has no trainable parameters"
     for n, p in trainables.items():
         assert p.grad is not None, f"no gradient for {n}"
-        torch.testing.assert_close(p.grad.double(), ref[n].grad, atol=atol, rtol=rtol, msg=lambda m: f"{n}: {m}")
-    del W
+        # float32 layer vs float64 reference: compare relative to the gradient's scale
+        scale = ref[n].grad.abs().max().item() or 1.0
+        torch.testing.assert_close(
+            p.grad.double(), ref[n].grad, atol=rel * scale, rtol=0, msg=lambda m: f"{n}: {m}"
+        )
