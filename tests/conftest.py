@@ -67,3 +67,19 @@ def make_linear(kind: str, in_features: int, out_features: int, seed: int = 0, b
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved as a Hugging Face folder with the real SmolLM2 tokenizer (vocab 49152),
+    so end-to-end commands run in seconds."""
+    from transformers import LlamaForCausalLM
+
+    from lrft.model import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=49152, max_position_embeddings=512))
+    model.save_pretrained(folder)
+    load_tokenizer("smollm2-135m-instruct").save_pretrained(folder)
+    return folder

@@ -1,0 +1,147 @@
+"""The ``lrft`` command line: parse arguments, then call one function per command.
+
+Every command turns a :class:`~lrft.errors.UserError` into one line on stderr and exit code 2;
+``--debug`` (anywhere on the command line) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import TrainingDiverged, UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune LLMs on frozen 4/8-bit bases with research-grade adapters; merge them; measure what they learned.",
+)
+
+_DEBUG = False
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="YAML recipe (see recipes/)"),
+    set_: List[str] = typer.Option([], "--set", help="override a recipe key, e.g. --set training.max_steps=3 (repeatable)"),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="shortcut for --set output_dir=DIR"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="shortcut for --set training.max_steps=N"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="build the model on the meta device and print the plan"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint in the output dir"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing non-empty output dir"),
+) -> None:
+    """Train an adapter from a recipe."""
+    from .recipe import load_recipe
+
+    overrides = list(set_)
+    if output_dir is not None:
+        overrides.append(f"output_dir={output_dir}")
+    if max_steps is not None:
+        overrides.append(f"training.max_steps={max_steps}")
+    spec = load_recipe(recipe, overrides)
+    if dry_run:
+        from .train import dry_run as run_dry
+
+        run_dry(spec)
+        return
+    from .train import train as run_train
+
+    run_train(spec, resume=resume, overwrite=overwrite)
+
+
+class EvalMode(str, Enum):
+    generate = "generate"
+    loglik = "loglik"
+
+
+@app.command("eval")
+def eval_(
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="RUN_DIR/adapter: evaluate base + adapter"),
+    model: Optional[str] = typer.Option(None, "--model", help="a model folder, hub id, .gguf or alias (e.g. a merged model)"),
+    data: Path = typer.Option(..., "--data", help="folder of <task>.json(l) or <task>/test.json; with --loss, a training-format file"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated task names (default: every task found)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="first N examples per task"),
+    mode: EvalMode = typer.Option(EvalMode.generate, "--mode", help="generate = the published protocol; loglik = label likelihood"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    output: Optional[Path] = typer.Option(None, "--output", help="write results JSON here"),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="write one JSON line per example here"),
+    quantization: Optional[str] = typer.Option(None, "--quantization", help="4, 8 or none (default: the adapter's)"),
+    loss: bool = typer.Option(False, "--loss", help="report mean token loss / perplexity on --data instead"),
+) -> None:
+    """Evaluate on the commonsense-8 benchmark (or plain loss)."""
+    from .evaluate import run_eval
+
+    run_eval(
+        adapter=adapter, model=model, data=data, tasks=tasks, limit=limit, mode=mode.value, batch_size=batch_size,
+        output=output, predictions=predictions, quantization=quantization, loss=loss,
+    )
+
+
+@app.command()
+def merge(
+    adapter_dir: Path = typer.Argument(..., help="RUN_DIR/adapter"),
+    output: Path = typer.Option(..., "--output", help="folder for the merged model (or PEFT adapter)"),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16, float16 or float32"),
+    base: str = typer.Option("dequantized", "--base", help="dequantized (what the adapter saw) or original"),
+    requantize: str = typer.Option("none", "--requantize", help="none, nf4 or int8"),
+    no_verify: bool = typer.Option(False, "--no-verify", help="skip the base+adapter vs merged comparison"),
+    format_: str = typer.Option("hf", "--format", help="hf (merged model) or peft (adapter in PEFT's format)"),
+) -> None:
+    """Fold the adapter into the weights and write a plain Hugging Face model."""
+    from .merge import run_merge
+
+    run_merge(adapter_dir, output, dtype=dtype, base=base, requantize=requantize, verify=not no_verify, fmt=format_)
+
+
+@app.command("inspect-rank")
+def inspect_rank(
+    adapter_dir: Path = typer.Argument(..., help="an lrft adapter folder or a PEFT adapter folder"),
+    compare: List[Path] = typer.Option([], "--compare", help="more adapter folders to compare side by side"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write per-layer figures as JSON"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of singular-value spectra (needs matplotlib)"),
+    tol: Optional[float] = typer.Option(None, "--tol", help="relative tolerance for the numerical rank"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="regex selecting layer names"),
+) -> None:
+    """Intrinsic rank, spectrum and orthogonality of trained adapters."""
+    from .diagnostics import run_inspect_rank
+
+    run_inspect_rank(adapter_dir, compare=compare, json_out=json_out, plot=plot, tol=tol, device=device, layers=layers)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    global _DEBUG
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args:
+        args.remove("--debug")
+        _DEBUG = True
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args and args[0] in ("train", "eval", "merge", "inspect-rank"):
+            from .model import quiet_libraries
+
+            quiet_libraries()
+        app(args=args, prog_name="lrft")
+    except UserError as exc:
+        if _DEBUG:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as exc:
+        if _DEBUG:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
