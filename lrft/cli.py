@@ -132,7 +132,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if _DEBUG:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(exc, "exit_code", 2))  # merge's VerificationFailed exits 1
     except TrainingDiverged as exc:
         if _DEBUG:
             raise

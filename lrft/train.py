@@ -32,7 +32,7 @@ from .data import DataOrder, collate, load_training_data, micro_batches, target_
 from .errors import TrainingDiverged, UserError
 from .inject import count_trainable, find_targets, inject_adapters, load_adapter_state_dict, save_adapter, trainable_parameters
 from .io import atomic_dir, write_json_atomic, write_text_atomic
-from .model import build_meta_model, frozen_dtype_of, load_base_model, load_tokenizer, resolve_dtype
+from .model import build_meta_model, frozen_dtype_of, is_linear, load_base_model, load_tokenizer
 from .recipe import Recipe, dump_recipe
 
 # Sections whose change makes a checkpoint meaningless for the new recipe.
@@ -171,9 +171,11 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
     bits = recipe.quantization.bits
     # 4-bit: 0.5 byte per weight plus one fp32 absmax per 64-weight block (less with double quantization)
     base_bytes_per = {4: 0.5 + (4 / 64 if not recipe.quantization.double_quant else 1 / 64), 8: 1.0 + 4 / 4096}.get(bits, 2.0)
-    adapted = sum(l.in_features * l.out_features for l in layers.values())
-    other = total_base - adapted
-    base_mem = adapted * base_bytes_per + other * (2.0 if bits else base_bytes_per)
+    # bitsandbytes quantizes every linear layer but the output head; the rest stays 16-bit
+    quantizable = sum(
+        m.in_features * m.out_features for n, m in model.named_modules() if is_linear(m) and not n.endswith("lm_head")
+    ) if bits else 0
+    base_mem = quantizable * base_bytes_per + (total_base - quantizable) * (2.0 if bits else base_bytes_per)
     shared_mem = sum(t.numel() * t.element_size() for t in model.lrft_shared.tensors().values())
     adapter_mem = trainable * 16  # fp32 weight + grad + two AdamW moments
     by_type: dict[str, list] = {}

@@ -14,6 +14,8 @@ from .base import AdapterConfig, AdapterLayer, Controller
 
 ADAPTERS: dict[str, str] = {
     "lora": "lrft.adapters.lora",
+    "randlora": "lrft.adapters.randlora",
+    "rmlora": "lrft.adapters.rmlora",
     "adalora": "lrft.adapters.adalora",
     "lora2": "lrft.adapters.lora2",
 }

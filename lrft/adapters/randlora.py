@@ -1,0 +1,443 @@
+"""RandLoRA (Albert et al., ICLR 2025): full-rank updates from learned diagonal scalings of frozen random
+low-rank bases.
+
+    ΔW = scaling · Σ_{j=1..n} B_j Λ_j A Γ_j                                  (paper, eq. 4)
+
+For a layer whose weight is (out, in), let d = min(in, out) and D = max(in, out). B_j (D×r) and A (r×d,
+one matrix shared by the n terms) are frozen and random; Λ_j (r×r) and Γ_j (d×d) are trainable diagonals.
+n = ceil(d / r), so n·r ≥ d and the sum can reach full rank d. Trainable parameters per layer: n·(r + d).
+When in ≤ out the sum is ΔW itself; when in > out the roles swap and ΔW is its transpose: A always faces
+the smaller side, which keeps Γ, the bulk of the parameters, as small as possible (and is what the
+paper's parameter counts assume).
+
+Choices, and why
+----------------
+* Initialisation follows the authors' public code: Λ = 0 and Γ = 1/d. ΔW starts at exactly zero; Λ gets a
+  gradient on the first step because Γ is non-zero, and Γ starts moving once Λ has.
+* scaling = alpha / r with **default alpha = 20·r** (scaling 20): the authors' code default and their
+  recommendation for commonsense reasoning (they report 2r to 20r working; lower it if training is
+  unstable at a high learning rate). With Γ = 1/d and unit-variance bases, |ΔW·x| ≈ scaling·|Λ|·|x|.
+* Every basis is normalised to unit variance (the authors found std normalisation best):
+  ``uniform`` U(-√3, √3) (the default, best in Table 4), ``normal`` N(0, 1), ``binary`` ±1, and ``sparse``
+  (sec. 6.4, Bingham & Mannila / Li et al.): +1 and -1 with probability 1/s each, 0 otherwise (a fraction
+  1 - 2/s of zeros: s = 6 gives 66 %, s = √768 ≈ 28 gives 93 %), scaled by √(s/2); 2 ≤ s ≤ √D.
+  ``sparsity`` left unset means s = √D of each layer, Li et al.'s "very sparse" bound, which matched
+  dense bases in Table 4.
+* The bases come from ``config.seed`` through :class:`SharedTensors`: every layer with the same d (and r)
+  uses one A, every layer with the same (D, n, r) one B, in ``frozen_dtype``; they are never saved.
+
+Compute
+-------
+The forward never forms the n·r×d "scaled basis" M = [Λ_1 A Γ_1; …; Λ_n A Γ_n] for the backward's sake:
+a custom autograd function keeps only what it must (x when the input is the small side, the (T, n·r)
+projection x·B when it is the large side) and rebuilds M from Λ, Γ and A in the backward, which costs
+n·r·d elementwise work next to the matmuls' T·n·r·(d + D).
+
+For T tokens, with dense bases there are two ways to apply ΔW:
+  factored  x → x·Mᵀ → ·Bᵀ        forward T·nr·(d+D), backward T·nr·(D+2d) multiply-adds
+  formed    C = B·M, then x·Cᵀ     forward nr·d·D + T·D·d, backward 2·nr·d·D + 2·T·D·d
+and each call takes the cheaper by these counts (backward counted only when a gradient will flow).
+With nr ≈ d, a forward-only call forms ΔW once T > D; training forms it only for near-square layers and
+T > 1.5·D or so. C is a temporary either way. Sparse bases always use the factored path with sparse
+kernels (CSR, int32 indices): forming C would throw the sparsity away. Products with the sparse bases
+(B, its transpose, and M, whose sparsity pattern is A's tiled n times) are CSR × dense; the gradient of
+M is a sampled product (SDDMM) evaluated only on M's non-zeros. CPU sparse kernels have no bfloat16 /
+float16 support, so there they run in float32.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from ..errors import UserError
+from .base import AdapterConfig, AdapterLayer, SharedTensors
+
+Basis = Literal["uniform", "normal", "binary", "sparse"]
+
+
+class RandLoRAConfig(AdapterConfig):
+    type: Literal["randlora"] = "randlora"
+    basis: Basis = Field(
+        "uniform", description="distribution of the frozen random bases (all normalised to unit variance)"
+    )
+    sparsity: Optional[float] = Field(
+        None,
+        ge=2.0,
+        description="s for basis: sparse; entries are ±1 with probability 1/s each, 0 otherwise; "
+        "2 <= s <= sqrt(larger dimension); unset = sqrt(larger dimension) of each layer",
+    )
+
+    @model_validator(mode="after")
+    def _sparsity_needs_sparse_basis(self):
+        if self.sparsity is not None and self.basis != "sparse":
+            raise ValueError(
+                f"adapter.sparsity applies only to basis: sparse (basis is {self.basis}); "
+                "set adapter.basis: sparse or remove adapter.sparsity"
+            )
+        return self
+
+    def default_alpha(self) -> float:
+        return 20.0 * self.r
+
+
+# --- samplers (float32 on the CPU; SharedTensors moves and casts) ---------------------------------
+
+def _uniform(shape, generator):
+    return (torch.rand(shape, generator=generator) * 2.0 - 1.0) * math.sqrt(3.0)
+
+
+def _normal(shape, generator):
+    return torch.randn(shape, generator=generator)
+
+
+def _ternary(shape, generator, s: float) -> Tensor:
+    """+c and -c with probability 1/s each, 0 otherwise, with c = √(s/2) so the variance is 1 (s = 2: ±1)."""
+    u = torch.rand(shape, generator=generator)
+    magnitude = math.sqrt(s / 2.0)
+    values = torch.zeros(shape)
+    values[u < 1.0 / s] = -magnitude
+    values[u >= 1.0 - 1.0 / s] = magnitude
+    return values
+
+
+@contextmanager
+def _quiet_sparse():
+    """Silence torch's one-time "sparse CSR support is in beta" warning: the kernels used here are tested."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        yield
+
+
+def _csr_int32(dense: Tensor) -> Tensor:
+    """CSR with int32 indices: half the index memory, and MKL's CSR kernels are faster with them."""
+    with _quiet_sparse():
+        csr = dense.to_sparse_csr()
+        return torch.sparse_csr_tensor(
+            csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32), csr.values(), csr.shape
+        )
+
+
+def _transposed_csr(csr: Tensor) -> Tensor:
+    return csr.t().to_sparse_csr()
+
+
+def _tiled_csr(block: Tensor, times: int) -> Tensor:
+    """[block; block; …] (``times`` copies stacked vertically) as CSR, built from the block's own CSR."""
+    crow, col, values = block.crow_indices(), block.col_indices(), block.values()
+    nnz = values.numel()
+    offsets = torch.arange(times, dtype=crow.dtype).unsqueeze(1) * nnz
+    stacked_crow = torch.cat([(crow[:-1].unsqueeze(0) + offsets).flatten(), crow.new_tensor([times * nnz])])
+    rows, cols = block.shape
+    with _quiet_sparse():
+        return torch.sparse_csr_tensor(stacked_crow, col.repeat(times), values.repeat(times), (times * rows, cols))
+
+
+# --- the frozen bases of one layer shape ----------------------------------------------------------
+
+class RandomBases:
+    """A layer's handles on its shared frozen bases (references into SharedTensors, never copies).
+
+    Dense: ``A`` (r, d) and ``B`` (D, n·r). Sparse: ``B`` and ``B_t`` (its transpose) as CSR, and A
+    tiled n times, ``A_tiled`` (n·r, d), with its transpose ``A_tiled_t``, as CSR: the tiling is the sparsity
+    pattern of the scaled basis M, whose values are rebuilt from Λ and Γ on every call.
+    """
+
+    def __init__(self, shared: SharedTensors, basis: str, sparsity: Optional[float], large: int, small: int,
+                 rank: int, num_terms: int, device: torch.device, dtype: torch.dtype):
+        self.large, self.small, self.rank, self.num_terms = large, small, rank, num_terms
+        self.sparse = basis == "sparse"
+        self.device = torch.device(device)
+        self.dtype = dtype
+        stacked = num_terms * rank
+        if not self.sparse:
+            sampler = {"uniform": _uniform, "normal": _normal, "binary": lambda sh, g: _ternary(sh, g, 2.0)}[basis]
+            self.A = shared.get(f"randlora.{basis}.A.{rank}x{small}", (rank, small), sampler, device, dtype)
+            self.B = shared.get(f"randlora.{basis}.B.{large}x{num_terms}x{rank}", (large, stacked), sampler, device, dtype)
+            self.A_tiled = self.A_tiled_t = self.B_t = None
+            return
+        tag = f"randlora.sparse{sparsity:g}"
+        a_name = f"{tag}.A.{num_terms}x{rank}x{small}"
+        b_name = f"{tag}.B.{large}x{num_terms}x{rank}"
+
+        def a_tiled(shape, generator):
+            return _tiled_csr(_csr_int32(_ternary((rank, small), generator, sparsity)), num_terms)
+
+        def b(shape, generator):
+            return _csr_int32(_ternary(shape, generator, sparsity))
+
+        self.A_tiled = shared.get(a_name, (stacked, small), a_tiled, device, dtype)
+        self.B = shared.get(b_name, (large, stacked), b, device, dtype)
+        # The transposes are derived from the tensors above (same seed), cached under their own names.
+        self.A_tiled_t = shared.get(
+            a_name + ".t", (small, stacked), lambda shape, g: _transposed_csr(self.A_tiled), device, dtype
+        )
+        self.B_t = shared.get(b_name + ".t", (stacked, large), lambda shape, g: _transposed_csr(self.B), device, dtype)
+        self.A = None
+
+    def dense_A(self) -> Tensor:
+        """A (r, d) as a dense tensor (for references and diagnostics)."""
+        if self.sparse:
+            return self.A_tiled.to_dense()[: self.rank]
+        return self.A
+
+    def dense_B(self) -> Tensor:
+        return self.B.to_dense() if self.sparse else self.B
+
+    # M = scaling · [Λ_1 A Γ_1; …; Λ_n A Γ_n], shape (n·r, d)
+    def scaled_basis(self, lambdas: Tensor, gammas: Tensor, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(M, Mᵀ) in ``dtype``: dense tensors (Mᵀ a view), or two CSR tensors sharing A_tiled's indices."""
+        lambdas, gammas = lambdas.float(), gammas.float()
+        if not self.sparse:
+            scaled = self.A.float().unsqueeze(0) * (gammas * scaling).unsqueeze(1)
+            scaled.mul_(lambdas.unsqueeze(2))
+            M = scaled.reshape(-1, self.small).to(dtype)
+            return M, M.mT
+        return self._sparse_scaled(self.A_tiled, lambdas, gammas, scaling, dtype, transposed=False), \
+            self._sparse_scaled(self.A_tiled_t, lambdas, gammas, scaling, dtype, transposed=True)
+
+    def _entry_indices(self, tiled: Tensor, transposed: bool) -> tuple[Tensor, Tensor]:
+        """For every stored entry of a tiled-A CSR: its flat index into Λ (n·r) and into Γ (n·d)."""
+        crow = tiled.crow_indices().long()
+        rows = torch.repeat_interleave(torch.arange(tiled.shape[0], device=crow.device), crow.diff())
+        cols = tiled.col_indices().long()
+        stacked_row, feature = (cols, rows) if transposed else (rows, cols)
+        term = torch.div(stacked_row, self.rank, rounding_mode="floor")
+        return stacked_row, term * self.small + feature
+
+    def _sparse_scaled(self, tiled, lambdas, gammas, scaling, dtype, transposed):
+        lambda_index, gamma_index = self._entry_indices(tiled, transposed)
+        values = tiled.values().float() * lambdas.flatten()[lambda_index] * gammas.flatten()[gamma_index]
+        values = (values * scaling).to(dtype)
+        with _quiet_sparse():
+            return torch.sparse_csr_tensor(
+                tiled.crow_indices(), tiled.col_indices(), values, tiled.shape, check_invariants=False
+            )
+
+    def scaling_grads(self, grad_M: Tensor, lambdas: Tensor, gammas: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+        """(dL/dΛ, dL/dΓ) in float32 from dL/dM: dense (n·r, d), or the values of M's sparse pattern.
+
+        M[j,i,k] = scaling·Λ[j,i]·A[i,k]·Γ[j,k], so dΛ[j,i] = scaling·Σ_k g[j,i,k]·A[i,k]·Γ[j,k] and
+        dΓ[j,k] = scaling·Σ_i g[j,i,k]·Λ[j,i]·A[i,k].
+        """
+        lambdas, gammas = lambdas.float(), gammas.float()
+        n, r, d = self.num_terms, self.rank, self.small
+        if not self.sparse:
+            weighted = grad_M.float().reshape(n, r, d).mul_(self.A.float())  # our own temporary: in place
+            grad_lambdas = torch.bmm(weighted, gammas.unsqueeze(2)).squeeze(2)
+            grad_gammas = torch.bmm(lambdas.unsqueeze(1), weighted).squeeze(1)
+            return grad_lambdas * scaling, grad_gammas * scaling
+        lambda_index, gamma_index = self._entry_indices(self.A_tiled, transposed=False)
+        weighted = grad_M.float() * self.A_tiled.values().float() * scaling
+        grad_lambdas = torch.zeros(n * r, device=weighted.device).index_add_(
+            0, lambda_index, weighted * gammas.flatten()[gamma_index]
+        )
+        grad_gammas = torch.zeros(n * d, device=weighted.device).index_add_(
+            0, gamma_index, weighted * lambdas.flatten()[lambda_index]
+        )
+        return grad_lambdas.reshape(n, r), grad_gammas.reshape(n, d)
+
+
+# --- products that work for dense and CSR right-hand matrices -------------------------------------
+
+def _cpu_half(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def _mm_t(v: Tensor, matrix: Tensor) -> Tensor:
+    """v @ matrixᵀ for v (T, k) and a dense or CSR ``matrix`` (m, k)."""
+    if matrix.layout != torch.sparse_csr:
+        return v @ matrix.mT
+    # CSR @ dense is the fast kernel; (T, k) activations enter as their (k, T) transpose, and a
+    # chain of these calls hands a contiguous (k, T) buffer from one to the next without copies.
+    dense = v.mT.contiguous()
+    if _cpu_half(dense):  # no CPU sparse kernels for half types
+        return torch.sparse.mm(matrix.float(), dense.float()).to(v.dtype).mT
+    return torch.sparse.mm(matrix, dense).mT
+
+
+def _outer_on_pattern(left: Tensor, right: Tensor, pattern: Tensor) -> Tensor:
+    """leftᵀ @ right (left (T, m), right (T, k)): dense, or only on a CSR pattern's entries (its values)."""
+    if pattern.layout != torch.sparse_csr:
+        return left.mT @ right
+    a, b = left.mT.contiguous(), right.contiguous()
+    if a.dtype != torch.float32:  # sampled_addmm has no half-precision kernels
+        a, b, pattern = a.float(), b.float(), pattern.float()
+    return torch.sparse.sampled_addmm(pattern, a, b, beta=0.0).values()
+
+
+@dataclass
+class _Plan:
+    bases: RandomBases
+    scaling: float
+    input_is_small: bool  # in_features <= out_features: x meets A's side first
+    form_weight: bool
+    dtype: torch.dtype
+
+
+class _RandLoRAProduct(torch.autograd.Function):
+    """x (T, in) → x·ΔWᵀ, saving no scaled basis for the backward (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lambdas: Tensor, gammas: Tensor, plan: _Plan) -> Tensor:
+        bases = plan.bases
+        with torch.autocast(x.device.type, enabled=False):
+            M, M_t = bases.scaled_basis(lambdas, gammas, plan.scaling, plan.dtype)
+            B = bases.B.to(plan.dtype)
+            if plan.form_weight:
+                C = B @ M  # (D, d)
+                y = x @ C.mT if plan.input_is_small else x @ C
+                saved = x
+            elif plan.input_is_small:
+                y = _mm_t(_mm_t(x, M), B)
+                saved = x
+            else:
+                B_t = bases.B_t.to(plan.dtype) if bases.sparse else B.mT
+                saved = _mm_t(x, B_t)  # u = x·B, (T, n·r): smaller than x, and all the backward needs
+                y = _mm_t(saved, M_t)
+        ctx.save_for_backward(saved, lambdas, gammas)
+        ctx.plan = plan
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        saved, lambdas, gammas = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        bases = plan.bases
+        need_x = ctx.needs_input_grad[0]
+        need_scales = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        grad_x = grad_M = None
+        with torch.autocast(grad_y.device.type, enabled=False):
+            grad_y = grad_y.to(plan.dtype)
+            M, M_t = bases.scaled_basis(lambdas, gammas, plan.scaling, plan.dtype)  # rebuilt, not kept
+            B = bases.B.to(plan.dtype)
+            if plan.form_weight:
+                C = B @ M
+                x = saved
+                if plan.input_is_small:  # y = x·Cᵀ
+                    grad_x = grad_y @ C if need_x else None
+                    grad_C = grad_y.mT @ x if need_scales else None
+                else:  # y = x·C
+                    grad_x = grad_y @ C.mT if need_x else None
+                    grad_C = x.mT @ grad_y if need_scales else None
+                del C
+                grad_M = B.mT @ grad_C if need_scales else None
+            elif plan.input_is_small:  # y = (x·Mᵀ)·Bᵀ
+                x = saved
+                B_t = bases.B_t.to(plan.dtype) if bases.sparse else B.mT
+                grad_u = _mm_t(grad_y, B_t)
+                grad_x = _mm_t(grad_u, M_t) if need_x else None
+                grad_M = _outer_on_pattern(grad_u, x, M) if need_scales else None
+            else:  # y = (x·B)·M
+                u = saved
+                grad_x = _mm_t(_mm_t(grad_y, M), B) if need_x else None
+                grad_M = _outer_on_pattern(u, grad_y, M) if need_scales else None
+            del M, M_t
+            grad_lambdas = grad_gammas = None
+            if need_scales:
+                grad_lambdas, grad_gammas = bases.scaling_grads(grad_M, lambdas, gammas, plan.scaling)
+        return grad_x, grad_lambdas, grad_gammas, None
+
+
+def forming_is_cheaper(tokens: int, large: int, small: int, stacked: int, backward: bool) -> bool:
+    """Whether applying ΔW formed (C = B·M, then x·Cᵀ) costs fewer multiply-adds than the factored chain."""
+    factored = tokens * stacked * (small + large)
+    formed = stacked * small * large + tokens * large * small
+    if backward:
+        factored += tokens * stacked * (large + 2 * small)
+        formed += 2 * stacked * small * large + 2 * tokens * large * small
+    return formed < factored
+
+
+class RandLoRALayer(AdapterLayer):
+    config_class = RandLoRAConfig
+
+    def __init__(self, base_layer, config: RandLoRAConfig, shared, name, frozen_dtype=torch.float32):
+        super().__init__(base_layer, config, shared, name, frozen_dtype)
+        self.small_features = min(self.in_features, self.out_features)
+        self.large_features = max(self.in_features, self.out_features)
+        self.input_is_small = self.in_features <= self.out_features
+        self.basis_rank = config.r
+        self.num_terms = math.ceil(self.small_features / config.r)
+        self.sparsity = self._resolve_sparsity(config)
+        # Λ_j diagonals as rows (n, r); Γ_j diagonals as rows (n, d).
+        self.lambdas = nn.Parameter(
+            torch.zeros(self.num_terms, self.basis_rank, device=self.device, dtype=torch.float32)
+        )
+        self.gammas = nn.Parameter(
+            torch.full((self.num_terms, self.small_features), 1.0 / self.small_features, device=self.device,
+                       dtype=torch.float32)
+        )
+        self._shared = shared
+        self._bases = self._make_bases(self.device)
+
+    def _resolve_sparsity(self, config: RandLoRAConfig) -> Optional[float]:
+        if config.basis != "sparse":
+            return None
+        bound = math.sqrt(self.large_features)
+        if config.sparsity is None:
+            return max(2.0, bound)
+        if config.sparsity > bound + 1e-9:
+            raise UserError(
+                f"adapter.sparsity={config.sparsity:g} exceeds sqrt({self.large_features}) = {bound:.1f} for "
+                f"{self.name}; use 2 <= sparsity <= {math.floor(bound)} or leave it unset for sqrt(D) per layer"
+            )
+        return float(config.sparsity)
+
+    def _make_bases(self, device) -> RandomBases:
+        return RandomBases(self._shared, self.config.basis, self.sparsity, self.large_features,
+                           self.small_features, self.basis_rank, self.num_terms, device, self.frozen_dtype)
+
+    @property
+    def bases(self) -> RandomBases:
+        """The shared bases on the parameters' device (fetched again if the module was moved)."""
+        if self._bases.device != self.lambdas.device:
+            self._bases = self._make_bases(self.lambdas.device)
+        return self._bases
+
+    def delta(self, x: Tensor) -> Tensor:
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        else:
+            dtype = torch.float32
+        bases = self.bases
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        backward = torch.is_grad_enabled() and (
+            flat.requires_grad or self.lambdas.requires_grad or self.gammas.requires_grad
+        )
+        form = not bases.sparse and forming_is_cheaper(
+            flat.shape[0], self.large_features, self.small_features, self.num_terms * self.basis_rank, backward
+        )
+        plan = _Plan(bases, self.scaling, self.input_is_small, form, dtype)
+        out = _RandLoRAProduct.apply(flat, self.lambdas, self.gammas, plan)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def delta_weight(self) -> Tensor:
+        bases = self.bases
+        M, _ = bases.scaled_basis(self.lambdas.detach(), self.gammas.detach(), self.scaling, torch.float32)
+        if bases.sparse:
+            C = torch.sparse.mm(bases.B.float(), M.to_dense())
+        else:
+            C = bases.B.float() @ M
+        return C if self.input_is_small else C.mT.contiguous()
+
+    @classmethod
+    def num_trainable(cls, in_features: int, out_features: int, config: AdapterConfig) -> int:
+        small = min(in_features, out_features)
+        num_terms = math.ceil(small / config.r)
+        return num_terms * (config.r + small)
+
+    def extra_repr(self) -> str:
+        basis = self.config.basis + (f"(s={self.sparsity:g})" if self.sparsity else "")
+        return f"{super().extra_repr()}, n={self.num_terms}, basis={basis}"
+
+
+Config = RandLoRAConfig
+Layer = RandLoRALayer
