@@ -98,6 +98,23 @@ def _files_in(path: Path) -> list[Path]:
     return files
 
 
+def _missing_file_error(path_or_id: str) -> UserError:
+    return UserError(
+        f"data file {path_or_id} does not exist; set data.path to a .json/.jsonl/.parquet file "
+        "(commonsense_170k.json is LLM-Adapters' ft-training_set/commonsense_170k.json)"
+    )
+
+
+def _looks_like_path(path_or_id: str) -> bool:
+    return path_or_id.startswith((".", "/", "~")) or Path(path_or_id).suffix in (".json", ".jsonl", ".parquet")
+
+
+def check_data_source(path_or_id: str) -> None:
+    """Fail fast (dry runs too) on a local data path that does not exist."""
+    if _looks_like_path(path_or_id) and not Path(path_or_id).expanduser().exists():
+        raise _missing_file_error(path_or_id)
+
+
 def read_records(path_or_id: str) -> list[dict]:
     """Records from a local file or folder (through the ``datasets`` library) or a hub dataset id."""
     import datasets
@@ -115,12 +132,7 @@ def read_records(path_or_id: str) -> list[dict]:
                 raise UserError(f"data file {path} is empty; give a file with training records")
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
         else:
-            looks_like_path = path_or_id.startswith((".", "/", "~")) or Path(path_or_id).suffix in (".json", ".jsonl", ".parquet")
-            if looks_like_path:
-                raise UserError(
-                    f"data file {path_or_id} does not exist; set data.path to a .json/.jsonl/.parquet file "
-                    "(commonsense_170k.json is LLM-Adapters' ft-training_set/commonsense_170k.json)"
-                )
+            check_data_source(path_or_id)
             ds = datasets.load_dataset(path_or_id, split="train")
     except UserError:
         raise

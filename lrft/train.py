@@ -28,7 +28,7 @@ import torch
 
 from . import __version__
 from .adapters import get_adapter
-from .data import DataOrder, collate, load_training_data, micro_batches, target_tokens
+from .data import DataOrder, check_data_source, collate, load_training_data, micro_batches, target_tokens
 from .errors import TrainingDiverged, UserError
 from .inject import count_trainable, find_targets, inject_adapters, load_adapter_state_dict, save_adapter, trainable_parameters
 from .io import atomic_dir, write_json_atomic, write_text_atomic
@@ -161,6 +161,7 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
     from rich.console import Console
     from rich.table import Table
 
+    check_data_source(recipe.data.path)
     model = build_meta_model(recipe.model.name_or_path)
     total_base = sum(p.numel() for p in model.parameters())
     names = find_targets(model, recipe.adapter.target_modules)

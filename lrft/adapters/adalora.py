@@ -61,6 +61,9 @@ class AdaLoRALayer(RankPrunedLayer):
     def importance_factors(self) -> tuple[Tensor, Tensor]:
         return self.lora_P, self.lora_Q
 
+    def orthogonality_factors(self) -> tuple[Tensor, Tensor]:
+        return self.lora_P, self.lora_Q
+
     def extra_loss(self) -> Optional[Tensor]:
         if self.config.orth_reg == 0:
             return None

@@ -123,8 +123,8 @@ class BudgetSchedule:
         final_start = min(total_steps - tfinal, total_steps - 1)
         if tinit > final_start:
             raise UserError(
-                f"adapter.tinit={tinit} + adapter.tfinal={tfinal} leave no step to prune in a run of "
-                f"{total_steps} steps; lower them so that tinit + tfinal < {total_steps}"
+                f"adapter.tinit={tinit} is past the final phase, which starts at step {final_start} of {total_steps} "
+                f"(adapter.tfinal={tfinal}); lower adapter.tinit or adapter.tfinal"
             )
         return cls(
             init_budget=config.initial_rank * n_layers,

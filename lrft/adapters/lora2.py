@@ -96,6 +96,10 @@ class LoRA2Layer(RankPrunedLayer):
             return self.lora_u.float(), weighted_v @ self.right()
         return self.lora_u.float() @ weighted_v, self.right()
 
+    def orthogonality_factors(self) -> tuple[Tensor, Tensor]:
+        """(P, Q): the between-planes term R(P, Q) of the dual regulariser."""
+        return self.left(), self.right()
+
     def importance_factors(self) -> tuple[Tensor, Tensor]:
         # the reduced score (eq. 9): only v's columns and U's rows belong to a single λ_i
         return self.lora_v, self.lora_U

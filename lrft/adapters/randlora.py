@@ -16,7 +16,8 @@ Choices, and why
   gradient on the first step because Γ is non-zero, and Γ starts moving once Λ has.
 * scaling = alpha / r with **default alpha = 20·r** (scaling 20): the authors' code default and their
   recommendation for commonsense reasoning (they report 2r to 20r working; lower it if training is
-  unstable at a high learning rate). With Γ = 1/d and unit-variance bases, |ΔW·x| ≈ scaling·|Λ|·|x|.
+  unstable at a high learning rate). With Γ = 1/d and unit-variance bases, rms(ΔW·x) ≈
+  scaling · rms(Λ) · rms(x) · √(in / d), whatever the layer's width.
 * Every basis is normalised to unit variance (the authors found std normalisation best):
   ``uniform`` U(-√3, √3) (the default, best in Table 4), ``normal`` N(0, 1), ``binary`` ±1, and ``sparse``
   (sec. 6.4, Bingham & Mannila / Li et al.): +1 and -1 with probability 1/s each, 0 otherwise (a fraction
@@ -79,7 +80,7 @@ class RandLoRAConfig(AdapterConfig):
     def _sparsity_needs_sparse_basis(self):
         if self.sparsity is not None and self.basis != "sparse":
             raise ValueError(
-                f"adapter.sparsity applies only to basis: sparse (basis is {self.basis}); "
+                f"sparsity applies only to basis: sparse (basis is {self.basis}); "
                 "set adapter.basis: sparse or remove adapter.sparsity"
             )
         return self
@@ -121,7 +122,8 @@ def _csr_int32(dense: Tensor) -> Tensor:
     with _quiet_sparse():
         csr = dense.to_sparse_csr()
         return torch.sparse_csr_tensor(
-            csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32), csr.values(), csr.shape
+            csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32), csr.values(), csr.shape,
+            check_invariants=True,
         )
 
 
@@ -137,7 +139,9 @@ def _tiled_csr(block: Tensor, times: int) -> Tensor:
     stacked_crow = torch.cat([(crow[:-1].unsqueeze(0) + offsets).flatten(), crow.new_tensor([times * nnz])])
     rows, cols = block.shape
     with _quiet_sparse():
-        return torch.sparse_csr_tensor(stacked_crow, col.repeat(times), values.repeat(times), (times * rows, cols))
+        return torch.sparse_csr_tensor(
+            stacked_crow, col.repeat(times), values.repeat(times), (times * rows, cols), check_invariants=True
+        )
 
 
 # --- the frozen bases of one layer shape ----------------------------------------------------------
@@ -160,7 +164,8 @@ class RandomBases:
         if not self.sparse:
             sampler = {"uniform": _uniform, "normal": _normal, "binary": lambda sh, g: _ternary(sh, g, 2.0)}[basis]
             self.A = shared.get(f"randlora.{basis}.A.{rank}x{small}", (rank, small), sampler, device, dtype)
-            self.B = shared.get(f"randlora.{basis}.B.{large}x{num_terms}x{rank}", (large, stacked), sampler, device, dtype)
+            b_name = f"randlora.{basis}.B.{large}x{num_terms}x{rank}"
+            self.B = shared.get(b_name, (large, stacked), sampler, device, dtype)
             self.A_tiled = self.A_tiled_t = self.B_t = None
             return
         tag = f"randlora.sparse{sparsity:g}"
@@ -192,7 +197,7 @@ class RandomBases:
         return self.B.to_dense() if self.sparse else self.B
 
     # M = scaling · [Λ_1 A Γ_1; …; Λ_n A Γ_n], shape (n·r, d)
-    def scaled_basis(self, lambdas: Tensor, gammas: Tensor, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def scaled_basis(self, lambdas: Tensor, gammas: Tensor, scaling: float, dtype: torch.dtype):
         """(M, Mᵀ) in ``dtype``: dense tensors (Mᵀ a view), or two CSR tensors sharing A_tiled's indices."""
         lambdas, gammas = lambdas.float(), gammas.float()
         if not self.sparse:
@@ -200,8 +205,9 @@ class RandomBases:
             scaled.mul_(lambdas.unsqueeze(2))
             M = scaled.reshape(-1, self.small).to(dtype)
             return M, M.mT
-        return self._sparse_scaled(self.A_tiled, lambdas, gammas, scaling, dtype, transposed=False), \
-            self._sparse_scaled(self.A_tiled_t, lambdas, gammas, scaling, dtype, transposed=True)
+        M = self._sparse_scaled(self.A_tiled, lambdas, gammas, scaling, dtype, transposed=False)
+        M_t = self._sparse_scaled(self.A_tiled_t, lambdas, gammas, scaling, dtype, transposed=True)
+        return M, M_t
 
     def _entry_indices(self, tiled: Tensor, transposed: bool) -> tuple[Tensor, Tensor]:
         """For every stored entry of a tiled-A CSR: its flat index into Λ (n·r) and into Γ (n·d)."""
@@ -307,6 +313,7 @@ class _RandLoRAProduct(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: Tensor):
         saved, lambdas, gammas = ctx.saved_tensors
         plan: _Plan = ctx.plan

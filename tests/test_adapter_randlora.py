@@ -1,0 +1,270 @@
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from adapter_reference import (
+    check_delta_weight,
+    check_forward,
+    check_forward_uses_delta_weight,
+    check_gradients,
+    randomize_trainables,
+)
+from conftest import make_linear
+from lrft.adapters import get_adapter
+from lrft.adapters.base import SharedTensors
+from lrft.adapters.randlora import forming_is_cheaper
+from lrft.errors import UserError
+
+SPEC = get_adapter("randlora")
+
+
+def build(kind, in_f, out_f, shared=None, frozen_dtype=torch.float32, randomize=True, **cfg):
+    config = SPEC.config(type="randlora", **cfg)
+    shared = shared if shared is not None else SharedTensors(config.seed)
+    layer = SPEC.layer(make_linear(kind, in_f, out_f), config, shared, "test", frozen_dtype)
+    if randomize:
+        randomize_trainables(layer)
+    return layer
+
+
+def naive(layer, lambdas, gammas):
+    """ΔW = scaling · Σ_j B_j Λ_j A Γ_j (eq. 4) in float64 with explicit loops, transposed when in > out."""
+    A = layer.bases.dense_A().double()
+    B = layer.bases.dense_B().double()
+    r = layer.basis_rank
+    total = torch.zeros(B.shape[0], A.shape[1], dtype=torch.float64)
+    for j in range(layer.num_terms):
+        B_j = B[:, j * r : (j + 1) * r]
+        total = total + B_j @ torch.diag(lambdas[j].double()) @ A @ torch.diag(gammas[j].double())
+    total = total * layer.scaling
+    return total if layer.in_features <= layer.out_features else total.T
+
+
+def check_all(layer):
+    ref = lambda l: naive(l, l.lambdas, l.gammas)  # noqa: E731
+    check_forward(layer, ref)
+    check_delta_weight(layer, ref)
+    check_forward_uses_delta_weight(layer)
+    check_gradients(layer, lambda p: naive(layer, p["lambdas"], p["gammas"]))
+
+
+@pytest.mark.parametrize("kind", ["none", "nf4", "fp4", "int8"])
+@pytest.mark.parametrize("shape", [(64, 128), (128, 64)])
+def test_randlora_matches_naive_reference(kind, shape):
+    # r = 12 does not divide d = 64: n = 6 terms, n·r = 72 > d
+    check_all(build(kind, *shape, r=12, alpha=24))
+
+
+@pytest.mark.parametrize("basis", ["uniform", "normal", "binary", "sparse"])
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48)])
+def test_randlora_each_basis_matches_naive_reference(basis, shape):
+    extra = {"sparsity": 4} if basis == "sparse" else {}
+    check_all(build("none", *shape, r=8, basis=basis, **extra))
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (64, 80), (80, 64)])
+def test_formed_weight_path_matches_reference(shape):
+    """Many tokens on a near-square layer take the formed-ΔW path; forward and gradients stay exact."""
+    layer = build("none", *shape, r=8)
+    tokens = 512
+    assert forming_is_cheaper(tokens, max(shape), min(shape), layer.num_terms * 8, backward=True)
+    x = torch.randn(tokens, shape[0], requires_grad=True)
+    out = layer.delta(x)
+    lambdas = layer.lambdas.detach().double().requires_grad_(True)
+    gammas = layer.gammas.detach().double().requires_grad_(True)
+    x_ref = x.detach().double().requires_grad_(True)
+    ref = x_ref @ naive(layer, lambdas, gammas).T
+    torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+    weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (out * weights.float()).sum().backward()
+    (ref * weights).sum().backward()
+    for got, want in [(x.grad, x_ref.grad), (layer.lambdas.grad, lambdas.grad), (layer.gammas.grad, gammas.grad)]:
+        torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=0)
+
+
+def test_cost_rule():
+    # LLaMA-3-8B shapes, n·r ≈ d: training forms ΔW only for square layers with many tokens
+    assert not forming_is_cheaper(512, 4096, 4096, 4110, backward=True)
+    assert forming_is_cheaper(8192, 4096, 4096, 4110, backward=True)
+    assert not forming_is_cheaper(65536, 14336, 4096, 4110, backward=True)  # up/down: never
+    # forward only (evaluation): once the tokens outnumber D
+    assert not forming_is_cheaper(4000, 14336, 4096, 4110, backward=False)
+    assert forming_is_cheaper(16384, 14336, 4096, 4110, backward=False)
+
+
+def test_forward_saves_no_scaled_basis():
+    """The autograd graph keeps x, Λ and Γ, never an n·r×d tensor (M) nor a D×d one (ΔW)."""
+    for shape in [(96, 160), (160, 96)]:
+        layer = build("none", *shape, r=8)
+        stacked_basis_size = layer.num_terms * layer.basis_rank * layer.small_features
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel())
+            return t
+
+        x = torch.randn(4, shape[0], requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            delta = layer.delta(x)
+        delta.sum().backward()
+        assert saved and max(saved) < stacked_basis_size, saved
+
+
+def test_randlora_parameter_count_matches_formula():
+    for in_f, out_f, r in [(40, 24, 5), (24, 40, 5), (64, 64, 7), (100, 30, 30)]:
+        layer = build("none", in_f, out_f, r=r)
+        count = sum(p.numel() for n, p in layer.named_parameters() if p.requires_grad)
+        d = min(in_f, out_f)
+        assert count == math.ceil(d / r) * (r + d) == layer.num_trainable(in_f, out_f, layer.config)
+        state = layer.adapter_state_dict()
+        assert set(state) == {"lambdas", "gammas"}  # bases are regenerated from the seed, never saved
+        assert sum(v.numel() for v in state.values()) == count
+
+
+def test_llama3_8b_published_parameter_count():
+    """RandLoRA r=30 on q, k, v, up, down of LLaMA-3-8B's 32 layers: 56,626,112 trainable parameters."""
+    config = SPEC.config(type="randlora", r=30)
+    shapes = {"q": (4096, 4096), "k": (4096, 1024), "v": (4096, 1024), "up": (4096, 14336), "down": (14336, 4096)}
+    per_block = sum(SPEC.layer.num_trainable(i, o, config) for i, o in shapes.values())
+    assert 32 * per_block == 56_626_112
+    # and the real module agrees, built on the meta device (construction only, no memory)
+    with torch.device("meta"):
+        down = torch.nn.Linear(14336, 4096, bias=False)
+    layer = SPEC.layer(down, config, SharedTensors(0), "down_proj")
+    assert sum(p.numel() for p in (layer.lambdas, layer.gammas)) == SPEC.layer.num_trainable(14336, 4096, config)
+    assert layer.lambdas.device.type == "meta" and layer.bases.B.device.type == "meta"
+
+
+@pytest.mark.parametrize("basis", ["uniform", "normal", "binary", "sparse"])
+def test_update_is_full_rank_unlike_lora(basis):
+    """With trained (random) scalings ΔW has rank min(D, d), where LoRA with the same r stays at <= r.
+
+    Ranks are taken of float64 products of the layers' own tensors: float32 round-off alone would make
+    any matrix look full rank at float64 tolerances.
+    """
+    extra = {"sparsity": 3} if basis == "sparse" else {}
+    for shape in [(40, 72), (72, 40)]:
+        layer = build("none", *shape, r=8, basis=basis, **extra)
+        delta = naive(layer, layer.lambdas, layer.gammas)
+        torch.testing.assert_close(layer.delta_weight().double(), delta, atol=1e-5, rtol=1e-5)
+        assert torch.linalg.matrix_rank(delta).item() == 40
+    lora = get_adapter("lora")
+    lora_layer = lora.layer(make_linear("none", 40, 72), lora.config(type="lora", r=8), SharedTensors(0), "t")
+    randomize_trainables(lora_layer)
+    lora_delta = lora_layer.lora_B.double() @ lora_layer.lora_A.double()
+    assert torch.linalg.matrix_rank(lora_delta).item() <= 8
+
+
+def test_starts_at_zero_with_documented_defaults():
+    layer = build("none", 48, 80, r=8, randomize=False)
+    assert torch.count_nonzero(layer.delta_weight()) == 0
+    assert layer.scaling == 20.0  # default alpha = 20 r
+    assert torch.all(layer.gammas == 1 / 48)
+    # Λ gets a gradient on the first step (Γ ≠ 0), so training moves ΔW
+    layer(torch.randn(3, 48)).pow(2).sum().backward()
+    assert layer.lambdas.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("basis", ["uniform", "sparse"])
+def test_layers_of_equal_shape_share_one_basis(basis):
+    shared = SharedTensors(0)
+    first = build("none", 48, 80, shared=shared, r=8, basis=basis)
+    second = build("none", 48, 80, shared=shared, r=8, basis=basis)
+    transposed = build("none", 80, 48, shared=shared, r=8, basis=basis)
+    for other in (second, transposed):
+        assert other.bases.B is first.bases.B
+        if basis == "sparse":
+            assert other.bases.A_tiled is first.bases.A_tiled and other.bases.B_t is first.bases.B_t
+        else:
+            assert other.bases.A is first.bases.A
+    wider = build("none", 48, 96, shared=shared, r=8, basis=basis)
+    assert wider.bases.B is not first.bases.B
+    if basis == "uniform":  # same d and r: one A for every layer width
+        assert wider.bases.A is first.bases.A
+    # same seed in another SharedTensors: the same values (reloading regenerates them)
+    again = build("none", 48, 80, r=8, basis=basis)
+    assert torch.equal(again.bases.dense_B(), first.bases.dense_B())
+
+
+def test_bases_are_stored_in_frozen_dtype():
+    layer = build("none", 48, 80, frozen_dtype=torch.bfloat16, r=8)
+    assert layer.bases.A.dtype == layer.bases.B.dtype == torch.bfloat16
+    assert layer.lambdas.dtype == layer.gammas.dtype == torch.float32
+    sparse = build("none", 48, 80, frozen_dtype=torch.bfloat16, r=8, basis="sparse", sparsity=4)
+    assert sparse.bases.B.dtype == torch.bfloat16 and sparse.bases.B.layout == torch.sparse_csr
+
+
+def test_basis_distributions_are_unit_variance():
+    for basis in ["uniform", "normal", "binary"]:
+        B = build("none", 128, 512, r=16, basis=basis).bases.B
+        assert abs(B.mean().item()) < 0.02 and abs(B.std().item() - 1) < 0.02, basis
+    assert set(build("none", 64, 128, r=8, basis="binary").bases.B.unique().tolist()) == {-1.0, 1.0}
+
+
+@pytest.mark.parametrize("sparsity", [3, 16])
+def test_sparse_basis_density_and_storage(sparsity):
+    layer = build("none", 256, 1024, r=16, basis="sparse", sparsity=sparsity)
+    B = layer.bases.B
+    assert B.layout == torch.sparse_csr and B.col_indices().dtype == torch.int32
+    density = B.values().numel() / B.shape.numel()
+    assert abs(density - 2 / sparsity) < 0.05 * (2 / sparsity)
+    values = B.values()
+    assert torch.allclose(values.abs(), torch.full_like(values, math.sqrt(sparsity / 2)))
+    assert abs((values > 0).float().mean().item() - 0.5) < 0.02  # +1 and -1 equally likely
+    dense_A = layer.bases.dense_A()
+    assert abs(torch.count_nonzero(dense_A).item() / dense_A.numel() - 2 / sparsity) < 0.1 * (2 / sparsity)
+
+
+def test_sparsity_defaults_to_sqrt_of_the_larger_dimension():
+    assert build("none", 64, 144, r=8, basis="sparse").sparsity == 12.0
+
+
+def test_config_validation():
+    with pytest.raises(ValidationError):
+        SPEC.config(type="randlora", basis="uniform", sparsity=4)
+    with pytest.raises(ValidationError):
+        SPEC.config(type="randlora", basis="sparse", sparsity=1.5)
+    with pytest.raises(ValidationError):
+        SPEC.config(type="randlora", basis="ternary")
+    with pytest.raises(UserError, match="sparsity"):
+        build("none", 64, 144, r=8, basis="sparse", sparsity=13)  # sqrt(144) = 12
+
+
+@pytest.mark.parametrize("basis", ["uniform", "sparse"])
+def test_autocast_bfloat16(basis):
+    layer = build("int8", 128, 64, frozen_dtype=torch.bfloat16, r=8, basis=basis)
+    x = torch.randn(2, 5, 128, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    expected = layer.base_layer(x.detach()).float() + x.detach() @ layer.delta_weight().T
+    torch.testing.assert_close(out.float(), expected, atol=0.02 * expected.abs().max().item(), rtol=0)
+    out.float().pow(2).sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.lambdas.grad.dtype == torch.float32
+    assert layer.lambdas.grad.abs().sum() > 0 and layer.gammas.grad.abs().sum() > 0
+
+
+def test_inject_and_reload_roundtrip(tiny_model):
+    from lrft.inject import adapter_state_dict, count_trainable, inject_adapters, load_adapter_state_dict
+
+    config = SPEC.config(type="randlora", r=8, seed=3)
+    layers = inject_adapters(tiny_model, config)
+    expected = sum(SPEC.layer.num_trainable(l.in_features, l.out_features, config) for l in layers.values())
+    assert count_trainable(layers) == expected
+    for layer in layers.values():
+        randomize_trainables(layer)
+    state = adapter_state_dict(layers)
+    assert sum(v.numel() for v in state.values()) == expected
+    x = torch.randn(1, 6, 64)
+    name, layer = next(iter(layers.items()))
+    before = layer(x)
+
+    from transformers import LlamaForCausalLM
+    from conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    fresh = LlamaForCausalLM(tiny_llama_config()).eval()
+    reloaded = inject_adapters(fresh, config)
+    load_adapter_state_dict(reloaded, state)
+    torch.testing.assert_close(reloaded[name](x), before)
