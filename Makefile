@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q -x --durations=15
+	$(PY) -m pytest -q --durations=15
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lrft train recipes/demo.yaml --overwrite

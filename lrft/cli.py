@@ -67,11 +67,11 @@ def eval_(
     data: Path = typer.Option(..., "--data", help="folder of <task>.json(l) or <task>/test.json; with --loss, a training-format file"),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated task names (default: every task found)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="first N examples per task"),
-    mode: EvalMode = typer.Option(EvalMode.generate, "--mode", help="generate = the published protocol; loglik = label likelihood"),
+    mode: EvalMode = typer.Option(EvalMode.generate, "--mode", help="generate = the published protocol; loglik = label likelihood (cheaper; its own numbers)"),
     batch_size: int = typer.Option(8, "--batch-size"),
     output: Optional[Path] = typer.Option(None, "--output", help="write results JSON here"),
     predictions: Optional[Path] = typer.Option(None, "--predictions", help="write one JSON line per example here"),
-    quantization: Optional[str] = typer.Option(None, "--quantization", help="4, 8 or none (default: the adapter's)"),
+    quantization: Optional[str] = typer.Option(None, "--quantization", help="4, 8 or none (default: the adapter's; none with --model)"),
     loss: bool = typer.Option(False, "--loss", help="report mean token loss / perplexity on --data instead"),
 ) -> None:
     """Evaluate on the commonsense-8 benchmark (or plain loss)."""

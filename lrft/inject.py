@@ -83,7 +83,8 @@ def inject_adapters(
     names = target_names if target_names is not None else find_targets(model, config.target_modules)
     for p in model.parameters():
         p.requires_grad_(False)
-    shared = SharedTensors(config.seed)
+    targets = {name: model.get_submodule(name) for name in names}
+    shared = SharedTensors(config.seed, {n: (m.in_features, m.out_features) for n, m in targets.items()})
     layers: dict[str, AdapterLayer] = {}
     for name in names:
         base = model.get_submodule(name)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -20,6 +21,10 @@ LLAMA3_8B = {
 }
 
 
+# the published recipe points at commonsense_170k.json, which a clean checkout does not have
+SAMPLE_DATA = Path(__file__).resolve().parents[1] / "lrft" / "samples" / "commonsense" / "train_500.jsonl"
+
+
 def write_llama3_config(folder):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(LLAMA3_8B))
@@ -29,7 +34,8 @@ def write_llama3_config(folder):
 def test_dry_run_llama3_lora32_matches_published_count(tmp_path):
     folder = write_llama3_config(tmp_path / "llama3-8b")
     result = CliRunner().invoke(
-        app, ["train", "recipes/llama3-commonsense-lora.yaml", "--set", f"model.name_or_path={folder}", "--dry-run"]
+        app, ["train", "recipes/llama3-commonsense-lora.yaml", "--set", f"model.name_or_path={folder}",
+              "--set", f"data.path={SAMPLE_DATA}", "--dry-run"]
     )
     assert result.exit_code == 0, result.output
     assert "56,623,104" in result.output
@@ -40,7 +46,7 @@ def test_dry_run_plan_function(tmp_path):
     from lrft.train import dry_run
 
     folder = write_llama3_config(tmp_path / "llama3-8b")
-    plan = dry_run(load_recipe("recipes/llama3-commonsense-lora.yaml", [f"model.name_or_path={folder}"]))
+    plan = dry_run(load_recipe("recipes/llama3-commonsense-lora.yaml", [f"model.name_or_path={folder}", f"data.path={SAMPLE_DATA}"]))
     assert plan["trainable_parameters"] == plan["formula_trainable_parameters"] == 56_623_104
     assert plan["adapted_modules"] == 160
     assert 4.5 < plan["estimated_memory_gb"]["base_weights"] < 7  # ~5.5 GB for an 8B model in nf4

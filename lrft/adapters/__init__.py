@@ -18,6 +18,9 @@ ADAPTERS: dict[str, str] = {
     "rmlora": "lrft.adapters.rmlora",
     "adalora": "lrft.adapters.adalora",
     "lora2": "lrft.adapters.lora2",
+    "vera": "lrft.adapters.vera",
+    "nola": "lrft.adapters.nola",
+    "dora": "lrft.adapters.dora",
 }
 
 

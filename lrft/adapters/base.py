@@ -62,8 +62,11 @@ class SharedTensors:
     save them per layer), and never saved: the adapter file records the seed and the sampler instead.
     """
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, target_shapes: Optional[dict[str, tuple[int, int]]] = None):
         self.seed = seed
+        # (in_features, out_features) of every adapted layer by module name, for adapters whose shared
+        # tensors are sized by all the targets at once (VeRA's bases span the largest in and out)
+        self.target_shapes: dict[str, tuple[int, int]] = {n: tuple(s) for n, s in (target_shapes or {}).items()}
         self._cache: dict[tuple, Tensor] = {}
 
     def seed_for(self, name: str) -> int:
@@ -153,6 +156,11 @@ class AdapterLayer(nn.Module):
         inspect-rank uses it to get the spectrum from QR of the factors instead of a full SVD. Full-rank
         adapters return None.
         """
+        return None
+
+    def orthogonality_factors(self) -> Optional[tuple[Tensor, Tensor]]:
+        """(B, A), unscaled, for adapters whose paper regularises ‖BᵀB − I‖²_F and ‖AAᵀ − I‖²_F
+        (RM-LoRA eq. 10, AdaLoRA's P and Q); inspect-rank reports both. None when there are none."""
         return None
 
     # --- shared behaviour -----------------------------------------------------------------------

@@ -29,7 +29,9 @@ class LoRALayer(AdapterLayer):
 
     def delta(self, x: Tensor) -> Tensor:
         x = self.param_dtype_input(x)
-        return nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B) * self.scaling
+        # scaling applied to the (T, r) projection, not the (T, out) result: one r-wide pass instead of
+        # an out-wide one, forward and backward (PEFT scales the wide result)
+        return nn.functional.linear(nn.functional.linear(x, self.lora_A) * self.scaling, self.lora_B)
 
     def delta_weight(self) -> Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
@@ -41,6 +43,9 @@ class LoRALayer(AdapterLayer):
     def factors(self) -> tuple[Tensor, Tensor]:
         """(B, A) with ΔW = B @ A; inspect-rank uses these for its factored (no full SVD) path."""
         return self.lora_B.float() * self.scaling, self.lora_A.float()
+
+    def orthogonality_factors(self) -> tuple[Tensor, Tensor]:
+        return self.lora_B, self.lora_A
 
 
 Config = LoRAConfig

@@ -1,0 +1,249 @@
+import pytest
+import torch
+
+from adapter_reference import randomize_trainables
+from conftest import make_linear
+from lrft.adapters import get_adapter
+from lrft.adapters.base import SharedTensors
+from lrft.model import dequantized_weight
+
+SPEC = get_adapter("dora")
+KINDS = ["none", "nf4", "fp4", "int8"]
+
+
+def build(kind, in_f, out_f, bias=False, randomize=True, frozen_dtype=torch.float32, **cfg):
+    cfg.setdefault("r", 4)
+    config = SPEC.config(type="dora", **cfg)
+    layer = SPEC.layer(make_linear(kind, in_f, out_f, bias=bias), config, SharedTensors(config.seed), "test", frozen_dtype)
+    if randomize:
+        randomize_trainables(layer, scale=0.1)
+        # magnitudes around the rows' norms, as after some training (randn ones would be of either sign)
+        g = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            rows = dequantized_weight(layer.base_layer).norm(dim=1)
+            layer.magnitude.copy_(rows * (0.5 + torch.rand(out_f, generator=g)))
+    return layer
+
+
+def naive_weight(layer, A, B, magnitude):
+    """W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ (eq. 5), ΔW = scaling·B A, the norm over each output row, float64.
+
+    Returns (W', the norm detached, W + ΔW)."""
+    W = dequantized_weight(layer.base_layer, torch.float64)
+    adapted = W + layer.scaling * (B.double() @ A.double())
+    norm = torch.linalg.vector_norm(adapted, dim=1).detach()
+    return (magnitude.double() / norm).unsqueeze(1) * adapted, norm, adapted
+
+
+def naive_output(layer, x, A, B, magnitude, detach_norm=True):
+    """y = s ⊙ (x Wᵀ + x ΔWᵀ) + bias with s = m / ‖W + ΔW‖; x Wᵀ from the frozen kernel, as the layer does."""
+    W = dequantized_weight(layer.base_layer, torch.float64)
+    delta = layer.scaling * (B.double() @ A.double())
+    norm = torch.linalg.vector_norm(W + delta, dim=1)
+    if detach_norm:
+        norm = norm.detach()
+    bias = layer.base_layer.bias
+    kernel = layer.base_layer(x).double().detach()
+    linear = kernel - bias.double() if bias is not None else kernel
+    out = (magnitude.double() / norm) * (linear + x.double() @ delta.T)
+    return out + bias.double() if bias is not None else out
+
+
+def params(layer):
+    return {n: p for n, p in layer.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape,bias", [((64, 128), True), ((128, 64), False)])
+def test_dora_matches_naive_reference(kind, shape, bias):
+    # train mode (dropout is 0): in eval mode bitsandbytes repacks 4-bit weights for a bfloat16 CPU kernel,
+    # whose rounding would hide small errors (test_eval_on_cpu_packed_4bit_weights covers that path)
+    layer = build(kind, *shape, bias=bias, alpha=8).train()
+    x = torch.randn(3, 5, shape[0], generator=torch.Generator().manual_seed(7))
+    expected = naive_output(layer, x, layer.lora_A, layer.lora_B, layer.magnitude)
+    got = layer(x).double()
+    torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
+
+    # delta_weight is W' − W, so merging gives W' exactly; and the forward applies exactly that merged weight
+    merged_ref, _, _ = naive_weight(layer, layer.lora_A, layer.lora_B, layer.magnitude)
+    W = dequantized_weight(layer.base_layer, torch.float64)
+    torch.testing.assert_close(W + layer.delta_weight().double(), merged_ref, atol=1e-5, rtol=1e-5)
+    merged = dequantized_weight(layer.base_layer, torch.float32) + layer.delta_weight()
+    by_merge = x @ merged.T + (layer.base_layer.bias if bias else 0)
+    torch.testing.assert_close(got.float(), by_merge, atol=1e-4 * by_merge.abs().max().item(), rtol=0)
+    # and delta() is what the layer adds to the base output
+    torch.testing.assert_close(layer.delta(x), got.float() - layer.base_layer(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_eval_on_cpu_packed_4bit_weights(kind):
+    """Eval-mode inference may repack the 4-bit weight in place (AVX512-BF16 CPUs); the norm and merge
+    must then read the repacked weight correctly (dequantized_weight handles that layout)."""
+    layer = build(kind, 64, 128, bias=True).eval()
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        layer(x)  # the first inference call is where bitsandbytes repacks
+        layer.invalidate_weight_norm()
+        got = layer(x).double()
+        expected = naive_output(layer, x, layer.lora_A, layer.lora_B, layer.magnitude)
+        torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
+        merged = dequantized_weight(layer.base_layer) + layer.delta_weight()
+        by_merge = (x @ merged.T + layer.base_layer.bias).double()
+        # the repacked kernel computes in bfloat16: compare at that precision
+        torch.testing.assert_close(got, by_merge, atol=1e-2 * by_merge.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["none", "nf4", "int8"])
+def test_gradients_match_naive_reference_with_detached_norm(kind):
+    layer = build(kind, 64, 128, bias=True).train()
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(5))
+    target = torch.randn(6, 128, generator=torch.Generator().manual_seed(6))
+    ((layer(x) - target) ** 2).sum().backward()
+    ref = {n: p.detach().double().clone().requires_grad_(True) for n, p in params(layer).items()}
+    out = naive_output(layer, x, ref["lora_A"], ref["lora_B"], ref["magnitude"], detach_norm=True)
+    ((out - target.double()) ** 2).sum().backward()
+    assert set(ref) == {"lora_A", "lora_B", "magnitude"}
+    for n, p in params(layer).items():
+        scale = ref[n].grad.abs().max().item()
+        torch.testing.assert_close(p.grad.double(), ref[n].grad, atol=1e-5 * scale, rtol=0, msg=lambda m: f"{n}: {m}")
+
+    # the norm really is a constant for autograd: differentiating through it gives other gradients
+    through = {n: p.detach().double().clone().requires_grad_(True) for n, p in params(layer).items()}
+    out = naive_output(layer, x, through["lora_A"], through["lora_B"], through["magnitude"], detach_norm=False)
+    ((out - target.double()) ** 2).sum().backward()
+    assert not torch.allclose(through["lora_B"].grad, ref["lora_B"].grad, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["none", "nf4", "int8"])
+def test_starts_as_the_base_layer(kind):
+    layer = build(kind, 64, 128, bias=True, randomize=False)
+    W = dequantized_weight(layer.base_layer)
+    torch.testing.assert_close(layer.magnitude, W.norm(dim=1))
+    assert layer.delta_weight().abs().max() < 1e-6
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(layer(x), layer.base_layer(x), atol=1e-6, rtol=1e-6)
+    assert layer.scaling == 2.0  # LoRA's default alpha = 2r
+
+
+def test_dora_parameter_count_matches_formula():
+    layer = build("none", 40, 24, r=5)
+    count = sum(p.numel() for p in params(layer).values())
+    assert count == 5 * (40 + 24) + 24 == layer.num_trainable(40, 24, layer.config)
+    state = layer.adapter_state_dict()
+    assert set(state) == {"lora_A", "lora_B", "magnitude"}
+    assert sum(v.numel() for v in state.values()) == count
+    assert layer.factors() is None  # W' − W is not B·A: inspect-rank must not take the factored path
+
+
+def count_dequantizations(monkeypatch):
+    import lrft.adapters.dora as dora
+
+    calls = []
+
+    def counting(base, dtype=torch.float32):
+        calls.append(1)
+        return dequantized_weight(base, dtype)
+
+    monkeypatch.setattr(dora, "dequantized_weight", counting)
+    return calls
+
+
+def assert_norm_is_fresh(layer):
+    _, expected, _ = naive_weight(layer, layer.lora_A, layer.lora_B, layer.magnitude)
+    torch.testing.assert_close(layer.weight_norm().double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_norm_is_computed_once_per_optimizer_step(monkeypatch):
+    layer = build("nf4", 64, 128).train()
+    calls = count_dequantizations(monkeypatch)
+    optimizer = torch.optim.AdamW(params(layer).values(), lr=0.01, foreach=False)
+    for step in range(2):
+        for _ in range(3):  # micro-batches of one accumulation cycle: one dequantization in all
+            layer(torch.randn(2, 64)).pow(2).sum().backward()
+        assert len(calls) == step + 1
+        optimizer.step()
+        optimizer.zero_grad()
+    assert_norm_is_fresh(layer)  # the step's in-place update bumped the version counters
+    assert len(calls) == 3
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 64))
+        layer(torch.randn(2, 64))
+    assert len(calls) == 3
+
+
+def test_controller_invalidates_what_version_counters_miss():
+    layer = build("none", 64, 128).train()
+    controller = SPEC.controller({"test": layer}, layer.config, total_steps=2)
+    layer(torch.randn(2, 64)).pow(2).sum().backward()
+    layer.weight_norm()
+    # fused AdamW and writes through .data leave the version counters alone
+    with torch.no_grad():
+        layer.lora_B.data.add_(0.5)
+    _, expected, _ = naive_weight(layer, layer.lora_A, layer.lora_B, layer.magnitude)
+    assert not torch.allclose(layer.weight_norm().double(), expected)  # stale, as documented
+    controller.after_optimizer_step(0, None)
+    assert_norm_is_fresh(layer)
+
+    optimizer = torch.optim.AdamW(params(layer).values(), lr=0.01, fused=True)
+    layer(torch.randn(2, 64)).pow(2).sum().backward()
+    optimizer.step()
+    controller.after_optimizer_step(1, optimizer)
+    assert_norm_is_fresh(layer)
+
+
+def test_loading_state_and_inference_mode_refresh_the_norm():
+    layer = build("none", 64, 128)
+    other = build("none", 64, 128)
+    with torch.no_grad():
+        other.lora_B.add_(1.0)
+    layer.weight_norm()
+    layer.load_adapter_state_dict(other.adapter_state_dict())
+    assert_norm_is_fresh(layer)
+    with torch.inference_mode():
+        layer(torch.randn(2, 64))
+    layer(torch.randn(2, 64)).sum().backward()  # no "inference tensor saved for backward"
+    assert layer.magnitude.grad is not None
+
+
+def test_autocast_bfloat16():
+    layer = build("nf4", 128, 64, frozen_dtype=torch.bfloat16)
+    x = torch.randn(2, 5, 128, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    merged = dequantized_weight(layer.base_layer) + layer.delta_weight()
+    expected = x.detach() @ merged.T
+    torch.testing.assert_close(out.float(), expected, atol=0.03 * expected.abs().max().item(), rtol=0)
+    out.float().pow(2).sum().backward()
+    assert x.grad is not None and layer.magnitude.grad.dtype == torch.float32
+    assert layer.lora_A.grad.abs().sum() > 0
+
+
+def test_builds_on_meta_device():
+    with torch.device("meta"):
+        base = torch.nn.Linear(128, 64, bias=False)
+    layer = SPEC.layer(base, SPEC.config(type="dora", r=4), SharedTensors(0), "t")
+    assert layer.magnitude.device.type == "meta" and layer.magnitude.shape == (64,)
+
+
+def test_inject_and_reload_roundtrip(tiny_model):
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+    from lrft.inject import adapter_state_dict, count_trainable, inject_adapters, load_adapter_state_dict
+
+    config = SPEC.config(type="dora", r=4)
+    layers = inject_adapters(tiny_model, config)
+    assert count_trainable(layers) == sum(SPEC.layer.num_trainable(l.in_features, l.out_features, config) for l in layers.values())
+    for layer in layers.values():
+        randomize_trainables(layer, scale=0.1)
+    state = adapter_state_dict(layers)
+    x = torch.randn(1, 6, 64)
+    name, layer = next(iter(layers.items()))
+    before = layer(x)
+
+    torch.manual_seed(0)
+    fresh = LlamaForCausalLM(tiny_llama_config()).eval()
+    reloaded = inject_adapters(fresh, config)
+    load_adapter_state_dict(reloaded, state)
+    torch.testing.assert_close(reloaded[name](x), before)
