@@ -87,7 +87,7 @@ def eval_(
 def merge(
     adapter_dir: Path = typer.Argument(..., help="RUN_DIR/adapter"),
     output: Path = typer.Option(..., "--output", help="folder for the merged model (or PEFT adapter)"),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16, float16 or float32"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the dtype the base was trained in: float32 on CPU, bfloat16 on GPU), bfloat16, float16 or float32"),
     base: str = typer.Option("dequantized", "--base", help="dequantized (what the adapter saw) or original"),
     requantize: str = typer.Option("none", "--requantize", help="none, nf4 or int8"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip the base+adapter vs merged comparison"),

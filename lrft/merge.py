@@ -128,7 +128,7 @@ def _warn(message: str) -> None:
 def run_merge(
     adapter_dir: Path | str,
     output: Path | str,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     base: str = "dequantized",
     requantize: str = "none",
     verify: bool = True,
@@ -150,12 +150,18 @@ def run_merge(
         if base != "dequantized" or requantize != "none":
             raise UserError("--base and --requantize apply to merged models, not --format peft; drop them or use --format hf")
         return export_peft(adapter_dir, output, data)
-    return _merge(adapter_dir, output, data, DTYPES[dtype], base, requantize, verify, max_shard_bytes)
+    if dtype == "auto":
+        # the dtype the base was loaded in for training (float32 on CPU, bfloat16 on recent GPUs): the merged
+        # model then computes what base + adapter computed, down to the greedy generations
+        out_dtype = BaseRecipe.from_adapter(data, default_device()).load_dtype
+    else:
+        out_dtype = DTYPES[dtype]
+    return _merge(adapter_dir, output, data, out_dtype, base, requantize, verify, max_shard_bytes)
 
 
 def _check_options(dtype: str, base: str, requantize: str, fmt: str, max_shard_bytes: int) -> None:
     for option, value, allowed in (
-        ("--dtype", dtype, tuple(DTYPES)),
+        ("--dtype", dtype, ("auto", *DTYPES)),
         ("--base", base, BASES),
         ("--requantize", requantize, REQUANTIZE),
         ("--format", fmt, FORMATS),
@@ -611,16 +617,6 @@ def dequantize_linears(model: nn.Module, dtype: torch.dtype) -> int:
     return replaced
 
 
-def use_training_kernels(model: nn.Module) -> None:
-    """Keep bitsandbytes 4-bit layers on their training path (dequantize, then a matmul in the compute
-    dtype). On CPUs with AVX512-BF16, the first eval-mode forward otherwise repacks each 4-bit weight
-    for a bfloat16 inference kernel, rounding its block scales to bfloat16 for good: the weights would
-    no longer be the ones the adapter was trained on, nor what ``dequantized_weight`` returned before."""
-    for module in model.modules():
-        if type(module).__name__ == "Linear4bit":
-            module.support_avx512bf16_for_cpu = False
-
-
 def _verdict(figures: dict[str, float]) -> str:
     return f"max |Δlogit| = {figures['max_abs_logit_diff']:.3g}, mean KL = {figures['mean_kl']:.3g}"
 
@@ -647,7 +643,6 @@ def verify_merged(
     from .inject import load_model_with_adapter
 
     reference_model, tokenizer, _, _ = load_model_with_adapter(adapter_dir, device=device)
-    use_training_kernels(reference_model)
     prompts = _prompt_ids(tokenizer)
     as_run = _logits(reference_model, prompts, device)
     quantized = dequantize_linears(reference_model, recipe.compute_dtype)

@@ -1,9 +1,10 @@
 """The training loop, top to bottom: set up, then for each optimizer step: micro-batches with
 accumulation, the adapter's controller hooks, clipping, AdamW, schedule, logging, validation, checkpoints.
 
-Distributed runs (torchrun / accelerate launch) use the same loop: every process sees the same global
-batch order (``DataOrder``) and takes its own slice; the loss is normalised by the number of target tokens
-in the whole global batch, so the gradient equals the single-process one whatever the split.
+Distributed runs (torchrun / accelerate launch, DDP or FSDP) use the same loop: every process sees the
+same global batch order (``DataOrder``) and takes its own slice; the loss is normalised by the number of
+target tokens in the whole global batch, so the gradient equals the single-process one whatever the split.
+Only the main process writes files; see docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -161,7 +162,13 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
     from rich.console import Console
     from rich.table import Table
 
-    check_data_source(recipe.data.path)
+    # The plan is about the model and memory; a data file that is not there yet (e.g. the published
+    # recipe's commonsense_170k.json) is a warning here and an error only when training starts.
+    try:
+        check_data_source(recipe.data.path)
+        data_problem = None
+    except UserError as exc:
+        data_problem = str(exc)
     model = build_meta_model(recipe.model.name_or_path)
     total_base = sum(p.numel() for p in model.parameters())
     names = find_targets(model, recipe.adapter.target_modules)
@@ -214,13 +221,18 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
         f"{mem['shared_frozen_tensors']:.2f} GB + adapter & AdamW {mem['adapter_and_optimizer']:.2f} GB "
         f"(activations not included)"
     )
+    plan["data_problem"] = data_problem
+    if data_problem:
+        console.print(f"[yellow]warning:[/yellow] {data_problem} (training would stop here)", highlight=False)
     return plan
 
 
-# --- the run -------------------------------------------------------------------------------------------
+# --- output folder ---------------------------------------------------------------------------------
 
 
-def _prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
+def _check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """Refuse an output dir that would be clobbered; True when it holds files. Read-only, so that every
+    process can check it before the main process deletes or creates anything."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"output_dir {output_dir} is a file; choose a folder path")
     non_empty = output_dir.is_dir() and any(output_dir.iterdir())
@@ -229,10 +241,175 @@ def _prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool, is_main
             f"output dir {output_dir} is not empty; pass --resume to continue it, --overwrite to replace it, "
             "or --output-dir NEW_DIR"
         )
-    if overwrite and non_empty and is_main:
-        shutil.rmtree(output_dir)
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    return non_empty
+
+
+# --- distributed runs (docs/distributed.md) ---------------------------------------------------------------
+
+
+def _is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _sharded(accelerator) -> bool:
+    """FSDP over several processes: each holds a shard of every tensor, so whole tensors need a gather.
+    (With one process FSDP shards nothing and the adapter's tensors are whole.)"""
+    return _is_fsdp(accelerator) and accelerator.num_processes > 1
+
+
+def _check_distributed(accelerator, recipe: Recipe, mixed: str) -> None:
+    """Refuse, before any weight is loaded, the set-ups that cannot work."""
+    from accelerate.utils import DistributedType
+
+    from .adapters.base import AdapterLayer, Controller
+    from .model import DTYPES, resolve_dtype
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        raise UserError(
+            "DeepSpeed is not supported: ZeRO-3 cannot partition bitsandbytes' quantized weights, and ZeRO-1/2 "
+            "would only shard the adapter's optimizer state, which is small already; launch with "
+            "recipes/accelerate/ddp.yaml or recipes/accelerate/fsdp.yaml"
+        )
+    if kind not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP):
+        raise UserError(
+            f"accelerate's {kind.value} mode is not supported; use DDP (recipes/accelerate/ddp.yaml) or FSDP "
+            "(recipes/accelerate/fsdp.yaml)"
+        )
+    if kind != DistributedType.FSDP:
+        return
+    plugin = accelerator.state.fsdp_plugin
+    world = accelerator.num_processes
+    if getattr(plugin, "fsdp_version", 1) != 1:
+        raise UserError(
+            "FSDP2 (fsdp_version: 2) is not supported: fully_shard turns each parameter into a DTensor, which "
+            "drops the quantization state bitsandbytes keeps on its 4-bit weights; use fsdp_version: 1 as in "
+            "recipes/accelerate/fsdp.yaml"
+        )
+    if not plugin.use_orig_params:
+        raise UserError(
+            "FSDP needs fsdp_use_orig_params: true: lrft's optimizer, checkpoints and adapter hooks address the "
+            "adapter's own parameters, which FSDP otherwise replaces by flat buffers"
+        )
+    quant = recipe.quantization
+    if quant.bits == 8:
+        raise UserError(
+            "FSDP cannot shard an 8-bit base: LLM.int8 weights keep their scales on the parameter object, which "
+            "FSDP replaces when it flattens them, and mixed precision would cast the int8 values; use DDP "
+            "(recipes/accelerate/ddp.yaml) or quantization.bits=4 with quantization.quant_storage"
+        )
+    if quant.bits == 4:
+        compute = resolve_dtype(quant.compute_dtype, accelerator.device)
+        # FSDP flattens each unit's tensors in their storage dtype and casts them to the mixed-precision
+        # dtype for the forward: packed 4-bit codes survive only when that cast is the identity.
+        flat = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed, compute)
+        storage = DTYPES.get(quant.quant_storage or "", torch.uint8)
+        if not storage == compute == flat:
+            name = str(flat).removeprefix("torch.")
+            raise UserError(
+                f"FSDP with a 4-bit base needs quantization.quant_storage and quantization.compute_dtype equal to "
+                f"the dtype FSDP computes in ({name}); FSDP would otherwise cast the packed 4-bit weights and "
+                f"corrupt them. Add --set quantization.quant_storage={name} --set quantization.compute_dtype={name}"
+            )
+    spec = get_adapter(recipe.adapter.type)
+    if getattr(spec.layer, "needs_base_weight", False):
+        raise UserError(
+            f"adapter.type={recipe.adapter.type} cannot train under FSDP: it reads the frozen weight outside the "
+            "base layer's forward, where FSDP holds a flat shard instead of bitsandbytes' weight; use DDP "
+            "(recipes/accelerate/ddp.yaml)"
+        )
+    if world > 1:
+        whole_tensors = spec.controller is not Controller or spec.layer.extra_loss is not AdapterLayer.extra_loss
+        if whole_tensors:
+            raise UserError(
+                f"adapter.type={recipe.adapter.type} cannot train under FSDP over {world} processes: its "
+                "regulariser, gradient masks or rank pruning read whole tensors outside the forward, where FSDP "
+                "holds only a shard; use DDP (recipes/accelerate/ddp.yaml) or FSDP on one process"
+            )
+        if recipe.eval is not None:
+            raise UserError(
+                f"the recipe's eval section cannot run under FSDP over {world} processes (the evaluation runs the "
+                "whole model on the main process); drop it with --set eval=null and run "
+                "`lrft eval --adapter OUTPUT_DIR/adapter` after training"
+            )
+
+
+def _fsdp_own_units(accelerator, layers) -> None:
+    """FSDP (version 1) flattens each wrapped unit into one tensor of one dtype and casts it for mixed
+    precision. The adapter's float32 parameters and the frozen base (4-bit codes stored in the compute
+    dtype) therefore must not share a unit: on top of the configured policy (decoder layers), every adapter
+    layer and the frozen linear inside it become units of their own. Frozen-only units also keep
+    accelerate from upcasting the packed 4-bit codes to float32 (it upcasts trainable units only)."""
+    plugin = accelerator.state.fsdp_plugin
+    configured = plugin.auto_wrap_policy  # a callable: the caller ran plugin.set_auto_wrap_policy(model)
+    own = {id(m) for layer in layers.values() for m in (layer, layer.base_layer)}
+
+    def policy(module, recurse, nonwrapped_numel):
+        if recurse:
+            return True
+        return id(module) in own or bool(configured and configured(module=module, recurse=False, nonwrapped_numel=nonwrapped_numel))
+
+    plugin.auto_wrap_policy = policy
+
+
+@contextmanager
+def _whole_adapter(model, accelerator):
+    """Inside, every process sees the adapter's whole tensors. Under FSDP over several processes that is an
+    all-gather of the adapter units only (not of the base), so every process must enter it."""
+    if not _sharded(accelerator):
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from .adapters.base import AdapterLayer
+
+    with ExitStack() as stack:
+        for unit in FSDP.fsdp_modules(model):
+            if isinstance(unit.module, AdapterLayer):
+                stack.enter_context(FSDP.summon_full_params(unit, recurse=False, writeback=False))
+        yield
+
+
+def _optimizer_state(model, optimizer, accelerator) -> dict:
+    """The optimizer's state; under FSDP over several processes gathered whole on the main process
+    (keyed by parameter name instead of index). Every process must call it."""
+    if not _sharded(accelerator):
+        return optimizer.state_dict()
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.state_dict_type(
+        model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
+        FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True),
+    ):
+        return FSDP.optim_state_dict(model, optimizer)
+
+
+def _load_optimizer_state(model, optimizer, state: dict, accelerator) -> None:
+    if not _sharded(accelerator):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.state_dict_type(
+        model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False),
+        FullOptimStateDictConfig(rank0_only=False),
+    ):
+        optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, state))
+
+
+def _clip_grad_norm(model, params, max_norm: float, accelerator) -> float:
+    """The global gradient norm, clipped. Under FSDP each process holds a shard of every gradient, so the
+    FSDP root computes the norm (a collective); under DDP the gradients are already all-reduced."""
+    if _is_fsdp(accelerator):
+        return float(model.clip_grad_norm_(max_norm))
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+# --- the run -------------------------------------------------------------------------------------------
 
 
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
@@ -250,50 +427,79 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
             raise UserError(f"--resume: no complete checkpoint in {output_dir}/checkpoints; start without --resume")
         resume_from = found[-1][1]
 
-    # --- accelerator and device
+    # --- accelerator and device. Under torchrun / accelerate launch this joins the process group; the
+    # distribution (DDP, FSDP) comes from the launcher's environment, never from the recipe.
     cuda = torch.cuda.is_available()
     mixed = tcfg.mixed_precision
     if mixed == "auto":
         mixed = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
     accelerator = Accelerator(mixed_precision=mixed, cpu=not cuda)
     is_main = accelerator.is_main_process
-    world = accelerator.num_processes
-    console = Console(quiet=not is_main)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    console = Console(quiet=not is_main)  # one copy of every message and progress bar
+    _check_distributed(accelerator, recipe, mixed)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not _is_fsdp(accelerator):
+        console.print("[yellow]note:[/yellow] accelerate runs FSDP on GPUs only; these processes train with DDP")
     if tcfg.batch_size % (tcfg.micro_batch_size * world):
         raise UserError(
             f"training.batch_size ({tcfg.batch_size}) must be a multiple of micro_batch_size x processes "
             f"({tcfg.micro_batch_size} x {world})"
         )
-    _prepare_output_dir(output_dir, resume, overwrite, is_main)
+    non_empty = _check_output_dir(output_dir, resume, overwrite)
+    accelerator.wait_for_everyone()  # every process has looked before the main one deletes anything
+    if is_main:
+        if overwrite and non_empty:
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
 
-    # --- data (before the model: a bad data path should fail in a second, not after loading weights)
+    # --- data (before the model: a bad data path should fail in a second, not after loading weights).
+    # Every process tokenizes the whole set and follows the same global order: it needs the target-token
+    # count of the whole global batch for the loss normalisation below, and slices out its own examples.
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     data = load_training_data(cfg.data, tokenizer, tcfg.seed)
     order = DataOrder(len(data.train), tcfg.batch_size, tcfg.seed, cfg.data.shuffle)
     total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * len(data.train) / tcfg.batch_size))
 
-    # --- model and adapter; seeded right before the adapter is built so its init is reproducible
+    # --- model and adapter; seeded right before the adapter is built so its init is reproducible (and
+    # identical on every process: shared random bases are generated from adapter.seed, not broadcast)
     device = accelerator.device
     model = load_base_model(cfg.model, cfg.quantization, device)
     seed_everything(tcfg.seed)
     layers = inject_adapters(model, cfg.adapter, frozen_dtype_of(model, cfg.quantization))
+    if rank > 0:
+        # From here on the global generators only drive dropout, whose masks should differ between the
+        # processes' slices of a batch (process 0 keeps the single-process stream).
+        seed_everything(tcfg.seed + 1_000_003 * rank)
     spec = get_adapter(cfg.adapter.type)
     controller = spec.controller(layers, cfg.adapter, total_steps)
     if tcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    params = trainable_parameters(layers)
-    optimizer = torch.optim.AdamW(params, lr=tcfg.learning_rate, betas=tcfg.adam_betas, weight_decay=tcfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(tcfg.lr_scheduler, tcfg.warmup_steps, total_steps)
-    )
+    n_trainable = count_trainable(layers)  # before FSDP, which leaves each process a shard
+    checkpoint = None
+    if resume_from is not None:
+        # every process reads the same checkpoint; the adapter's weights go in before FSDP shards them
+        checkpoint = _read_checkpoint(resume_from, recipe)
+        load_adapter_state_dict(layers, checkpoint["adapter"])
     model.train()
+    if _is_fsdp(accelerator):
+        accelerator.state.fsdp_plugin.set_auto_wrap_policy(model)
+        _fsdp_own_units(accelerator, layers)
     model = accelerator.prepare(model)
+    # The optimizer is built after wrapping, from the adapter's parameters as the wrapped model holds them
+    # (FSDP replaces their storage), and prepared so that fp16's gradient scaler unscales and skips
+    # overflowing steps. The scheduler drives the plain optimizer: a prepared one would step once per process.
+    params = trainable_parameters(layers)
+    base_optimizer = torch.optim.AdamW(params, lr=tcfg.learning_rate, betas=tcfg.adam_betas, weight_decay=tcfg.weight_decay)
+    optimizer = accelerator.prepare(base_optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        base_optimizer, lr_lambda(tcfg.lr_scheduler, tcfg.warmup_steps, total_steps)
+    )
 
     start_step = 0
-    if resume_from is not None:
-        start_step = _load_checkpoint(resume_from, recipe, layers, optimizer, scheduler, controller)
+    if checkpoint is not None:
+        start_step = _restore_checkpoint(checkpoint, recipe, model, base_optimizer, scheduler, controller, accelerator)
         console.print(f"resumed from {resume_from} at step {start_step}")
 
     if is_main:
@@ -305,8 +511,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
         "recipe_hash": recipe.section_hash(),
         "device": str(device),
         "processes": world,
+        "distributed": str(accelerator.distributed_type.value),
         "mixed_precision": mixed,
-        "trainable_parameters": count_trainable(layers),
+        "trainable_parameters": n_trainable,
         "adapted_modules": len(layers),
         "train_examples": len(data.train),
         "val_examples": len(data.val),
@@ -317,7 +524,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
     if is_main:
         write_json_atomic(output_dir / "run.json", run_info)
         console.print(
-            f"{cfg.adapter.type}: {len(layers)} modules, {run_info['trainable_parameters']:,} trainable parameters; "
+            f"{cfg.adapter.type}: {len(layers)} modules, {n_trainable:,} trainable parameters; "
             f"{len(data.train)} examples, {total_steps} steps of {tcfg.batch_size} on {device} x{world}"
         )
 
@@ -345,14 +552,14 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
             controller.start_step(step)
             batch_ids = order.global_batch(step)
             examples = [data.train[i] for i in batch_ids]
-            local = examples[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
-            n_target = max(1, target_tokens(examples))
+            local = examples[rank * per_rank : (rank + 1) * per_rank]  # this process's contiguous slice
+            n_target = max(1, target_tokens(examples))  # of the whole global batch: no collective needed
             chunks = list(micro_batches(local, tcfg.micro_batch_size))
             loss_sum = torch.zeros((), device=device)
             extra_sum = 0.0
             for i, chunk in enumerate(chunks):
                 batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-                sync = i == len(chunks) - 1
+                sync = i == len(chunks) - 1  # gradients are all-reduced once, after the last micro-batch
                 with (nullcontext() if sync or world == 1 else accelerator.no_sync(model)), accelerator.autocast():
                     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                     logits = out.logits[:, :-1].float()
@@ -360,18 +567,20 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
                     token_loss = torch.nn.functional.cross_entropy(
                         logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
                     )
-                    # DDP averages gradients over processes; scaling by `world` turns that into the global sum.
+                    # DDP and FSDP average gradients over processes; scaling by `world` turns that into the
+                    # sum over the global batch, divided by its target tokens: the single-process gradient.
                     loss = token_loss * world / n_target
                     extra = controller.extra_loss()
                     if extra is not None:
+                        # every process adds the whole regulariser (the average over processes keeps it once)
                         loss = loss + extra / len(chunks)
                         extra_sum += float(extra.detach()) / len(chunks)
                 accelerator.backward(loss)
                 loss_sum += token_loss.detach()
             if world > 1:
-                loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+                loss_sum = accelerator.reduce(loss_sum, reduction="sum")  # the logged loss is the global one
             step_loss = float(loss_sum) / n_target
-            if not math.isfinite(step_loss):
+            if not math.isfinite(step_loss):  # the same value on every process: they all skip or stop
                 optimizer.zero_grad(set_to_none=True)
                 if tcfg.skip_nonfinite:
                     skipped_nonfinite += 1
@@ -383,19 +592,27 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
                     f"loss is {step_loss} at step {step + 1}; lower training.learning_rate, use float32/bfloat16 "
                     f"instead of float16, or set training.skip_nonfinite=true (last good checkpoint kept in {output_dir}/checkpoints)"
                 )
-            controller.before_optimizer_step(step, optimizer)
+            accelerator.unscale_gradients()  # fp16 only: the hooks and the clipping see the true gradients
+            controller.before_optimizer_step(step, base_optimizer)
             grad_norm = None
             if tcfg.max_grad_norm:
-                grad_norm = float(accelerator.clip_grad_norm_(params, tcfg.max_grad_norm))
+                grad_norm = _clip_grad_norm(model, params, tcfg.max_grad_norm, accelerator)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
-            controller.after_optimizer_step(step, optimizer)
+            controller.after_optimizer_step(step, base_optimizer)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
+            # A signal may reach only some processes: all of them must stop (and save) after the same step.
+            stop_now, peak_mb = stop.requested, peak_memory_mb(device)
+            if world > 1:
+                agreed = torch.tensor([float(stop_now), peak_mb], device=device, dtype=torch.float64)
+                torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+                stop_now, peak_mb = bool(agreed[0] > 0), float(agreed[1])
+
             elapsed = time.time() - t0
-            tokens = sum(len(e["input_ids"]) for e in examples)
+            tokens = sum(len(e["input_ids"]) for e in examples)  # the global batch's, as step_loss
             record = {
                 "step": step,
                 "epoch": round(order.epoch_of(step), 4),
@@ -403,7 +620,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
                 "lr": lr,
                 "tokens_per_s": tokens / elapsed,
                 "step_time_s": elapsed,
-                "peak_mem_mb": peak_memory_mb(device),
+                "peak_mem_mb": peak_mb,  # the largest over processes
             }
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
@@ -420,10 +637,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
             progress.update(
                 task, completed=step, info=f"loss {step_loss:.4f}  lr {lr:.2e}  {record['tokens_per_s']:.0f} tok/s"
             )
-            if tcfg.save_steps and step % tcfg.save_steps == 0 and step < total_steps:
-                _save_checkpoint(output_dir, step, recipe, layers, optimizer, scheduler, controller, accelerator)
-            if stop.requested:
-                _save_checkpoint(output_dir, step, recipe, layers, optimizer, scheduler, controller, accelerator)
+            if (tcfg.save_steps and step % tcfg.save_steps == 0 and step < total_steps) or stop_now:
+                _save_checkpoint(output_dir, step, recipe, layers, model, base_optimizer, scheduler, controller, accelerator)
+            if stop_now:
                 console.print(
                     f"stopped at step {step}; checkpoint saved. Resume with: lrft train RECIPE --resume "
                     f"--output-dir {output_dir}"
@@ -437,9 +653,14 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
 
     # --- final adapter, summary, optional evaluation
     summary = controller.summary()
+    with _whole_adapter(model, accelerator):
+        if is_main:
+            with atomic_dir(output_dir / "adapter") as tmp:
+                save_adapter(tmp, layers, cfg.adapter, base_info(recipe), extra={"summary": summary} if summary else None)
+    # The adapter is on disk before any process returns; the evaluation then runs on the main process
+    # alone (the others exit instead of waiting for it in a collective that could time out).
+    accelerator.wait_for_everyone()
     if is_main:
-        with atomic_dir(output_dir / "adapter") as tmp:
-            save_adapter(tmp, layers, cfg.adapter, base_info(recipe), extra={"summary": summary} if summary else None)
         run_info.update(
             {
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -462,14 +683,14 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
             run_info["eval_mean_accuracy"] = results.get("mean_accuracy")
         write_json_atomic(output_dir / "run.json", run_info)
         console.print(f"adapter saved to {output_dir / 'adapter'}")
-    accelerator.wait_for_everyone()
     accelerator.end_training()
     return output_dir / "adapter"
 
 
 @torch.no_grad()
 def evaluate_loss(model, examples: list[dict], micro_batch_size: int, pad_id: int, accelerator) -> float:
-    """Mean token loss on the validation split (every process computes the whole split: it is small)."""
+    """Mean token loss on the validation split. Every process computes the whole split (it is small, and
+    under FSDP every process must take part in every forward), so all of them get the same value."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -490,31 +711,39 @@ def evaluate_loss(model, examples: list[dict], micro_batch_size: int, pad_id: in
 # --- checkpoints -------------------------------------------------------------------------------------
 
 
-def _save_checkpoint(output_dir: Path, step: int, recipe: Recipe, layers, optimizer, scheduler, controller, accelerator) -> None:
-    if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
-        return
-    final = output_dir / "checkpoints" / f"step-{step}"
-    with atomic_dir(final) as tmp:
-        save_adapter(tmp / "adapter", layers, recipe.adapter, base_info(recipe))
-        torch.save(
-            {
-                "step": step,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "controller": controller.state_dict(),
-                "rng": rng_state(),
-                "recipe": recipe.resolved(),
-                "recipe_hash": recipe.section_hash(*RESUME_SECTIONS),
-            },
-            tmp / "trainer_state.pt",
-        )
-    for _, old in _checkpoints(output_dir)[: -recipe.training.save_total_limit]:
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+def _save_checkpoint(output_dir: Path, step: int, recipe: Recipe, layers, model, optimizer, scheduler, controller, accelerator) -> None:
+    """Every process calls this (gathers are collectives); the main process writes."""
+    from accelerate.utils import gather_object
+
+    # each process's own RNG state: their dropout streams differ, and resume restores each one
+    rngs = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
+    optimizer_state = _optimizer_state(model, optimizer, accelerator)
+    with _whole_adapter(model, accelerator):
+        if accelerator.is_main_process:
+            final = output_dir / "checkpoints" / f"step-{step}"
+            with atomic_dir(final) as tmp:
+                save_adapter(tmp / "adapter", layers, recipe.adapter, base_info(recipe))
+                torch.save(
+                    {
+                        "step": step,
+                        "optimizer": optimizer_state,
+                        "optimizer_format": "fsdp" if _sharded(accelerator) else "torch",
+                        "scheduler": scheduler.state_dict(),
+                        "controller": controller.state_dict(),
+                        "rng": rngs[0],
+                        "rng_per_process": rngs,
+                        "recipe": recipe.resolved(),
+                        "recipe_hash": recipe.section_hash(*RESUME_SECTIONS),
+                    },
+                    tmp / "trainer_state.pt",
+                )
+            for _, old in _checkpoints(output_dir)[: -recipe.training.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()  # the checkpoint is complete before any process goes on (or stops)
 
 
-def _load_checkpoint(path: Path, recipe: Recipe, layers, optimizer, scheduler, controller) -> int:
+def _read_checkpoint(path: Path, recipe: Recipe) -> dict[str, Any]:
+    """The trainer state and adapter weights of a checkpoint, after checking it belongs to this recipe."""
     from .inject import read_adapter_weights
 
     try:
@@ -529,9 +758,25 @@ def _load_checkpoint(path: Path, recipe: Recipe, layers, optimizer, scheduler, c
             f"cannot resume: the recipe changed {', '.join(changed)} since the checkpoint; "
             "restore those keys or start a new run with --output-dir"
         )
-    load_adapter_state_dict(layers, read_adapter_weights(path / "adapter"))
-    optimizer.load_state_dict(state["optimizer"])
+    state["adapter"] = read_adapter_weights(path / "adapter")
+    return state
+
+
+def _restore_checkpoint(state: dict, recipe: Recipe, model, optimizer, scheduler, controller, accelerator) -> int:
+    """Optimizer, schedule, controller and RNG state from a checkpoint read by ``_read_checkpoint``."""
+    fsdp_format = state.get("optimizer_format") == "fsdp"
+    if fsdp_format != _sharded(accelerator):
+        raise UserError(
+            "cannot resume: the checkpoint's optimizer state was saved "
+            + ("under FSDP over several processes; resume it the same way" if fsdp_format else "unsharded; resume it without FSDP over several processes")
+        )
+    _load_optimizer_state(model, optimizer, state["optimizer"], accelerator)
     scheduler.load_state_dict(state["scheduler"])
     controller.load_state_dict(state["controller"])
-    set_rng_state(state["rng"])
+    rngs = state.get("rng_per_process") or [state["rng"]]
+    rank = accelerator.process_index
+    if rank < len(rngs):
+        set_rng_state(rngs[rank])
+    else:  # more processes than when the checkpoint was written: a fresh stream of this process's own
+        seed_everything(recipe.training.seed + 1_000_003 * rank + int(state["step"]))
     return int(state["step"])

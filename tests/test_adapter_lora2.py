@@ -102,7 +102,8 @@ def test_lora2_starts_at_zero_delta_with_defaults():
     layer = spec.layer(make_linear("none", 256, 128), config, SharedTensors(0), "t")
     assert torch.count_nonzero(layer.delta_weight()) == 0
     assert layer.scaling == 2.0
-    assert abs(layer.lora_V.std().item() - 0.02) < 0.003
+    # each factor starts near its orthogonality regulariser's minimum: unit-norm rows of V and columns of u
+    assert abs(layer.lora_V.norm(dim=1).mean().item() - 1) < 0.1 and abs(layer.lora_u.norm(dim=0).mean().item() - 1) < 0.1
     assert "rank_mask" in layer.adapter_state_dict()
 
 

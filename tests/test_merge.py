@@ -71,14 +71,11 @@ def make_adapter(base_folder, folder, bits=None, quant_type="nf4", targets=TARGE
 
 
 def reference_logits(adapter_dir):
-    """base + adapter as trained, in fp32, with bitsandbytes' training-path 4-bit kernel (dequantize, then
-    matmul): its CPU inference kernel (AVX512-BF16 machines) rounds through bfloat16."""
+    """base + adapter as trained, in fp32 (lrft keeps bitsandbytes' 4-bit layers on their training
+    kernel in eval mode: see lrft.model.use_training_kernels)."""
     from lrft.inject import load_model_with_adapter
 
     model, tokenizer, _, _ = load_model_with_adapter(adapter_dir, device=torch.device("cpu"))
-    for module in model.modules():
-        if type(module).__name__ == "Linear4bit":
-            module.support_avx512bf16_for_cpu = False
     with torch.no_grad():
         return [model(**tokenizer(p, return_tensors="pt")).logits[0] for p in PROMPTS]
 
@@ -157,7 +154,8 @@ def test_4bit_merge_uses_the_dequantized_weights_the_adapter_saw(tiny_base, adap
     from lrft.model import dequantized_weight
 
     out = tmp_path / "merged"
-    report = run_merge(adapter_nf4, out, dtype="float32")
+    report = run_merge(adapter_nf4, out)  # --dtype auto: float32, the dtype this CPU run trained in
+    assert report["dtype"] == "float32"
     model, _, layers, _ = load_model_with_adapter(adapter_nf4, device=torch.device("cpu"))
     merged = merged_state(out)
     for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.v_proj"):

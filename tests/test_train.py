@@ -81,3 +81,33 @@ def test_train_on_embedded_smollm2_4bit(tmp_path):
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
     assert (out / "adapter/adapter.safetensors").stat().st_size > 0
+
+
+def test_validation_in_eval_mode_keeps_4bit_training_intact(tiny_model_dir):
+    """An eval-mode no-grad forward (validation, lrft eval) must not change a 4-bit base. bitsandbytes'
+    CPU inference kernel (AVX512-BF16 machines) repacks the weight in place at that moment, with
+    bfloat16 block scales, and its forward has no autograd from then on: gradients would stop flowing
+    back through the frozen layers for the rest of training. lrft keeps the training kernel."""
+    import torch
+
+    from lrft.adapters.lora import LoRAConfig
+    from lrft.inject import inject_adapters
+    from lrft.model import dequantized_weight, load_base_model
+    from lrft.recipe import ModelSection, QuantizationSection
+
+    model = load_base_model(ModelSection(name_or_path=str(tiny_model_dir)), QuantizationSection(bits=4), torch.device("cpu"))
+    layers = inject_adapters(model, LoRAConfig(r=4, target_modules=["q_proj"]), torch.float32)
+    probe = "model.layers.0.mlp.down_proj"
+    before = dequantized_weight(model.get_submodule(probe))
+    ids = torch.randint(0, 1000, (2, 16))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    torch.manual_seed(0)
+    for layer in layers.values():  # B starts at 0: give it values so that A's gradient is not 0 by design
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert torch.equal(dequantized_weight(model.get_submodule(probe)), before)
+    first = layers["model.layers.0.self_attn.q_proj"]
+    assert first.lora_A.grad is not None and first.lora_A.grad.abs().sum() > 0  # flows through both blocks' 4-bit layers

@@ -175,11 +175,21 @@ class AdapterLayer(nn.Module):
         return x.to(torch.float32)
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
-        """What is saved for this layer: trainable parameters and persistent buffers, not the base."""
+        """What is saved for this layer: trainable parameters and persistent buffers, not the base.
+
+        The keys are those of ``state_dict()``, but the base is never visited: under FSDP the base linear
+        is a unit of its own whose ``state_dict`` hooks would all-gather its (frozen, large) weights.
+        """
         state = {}
-        for key, value in self.state_dict(keep_vars=False).items():
-            if not key.startswith("base_layer."):
-                state[key] = value.detach()
+        for prefix, module in self.named_modules():
+            if prefix == "base_layer" or prefix.startswith("base_layer."):
+                continue
+            dot = prefix + "." if prefix else ""
+            for key, param in module.named_parameters(recurse=False):
+                state[dot + key] = param.detach()
+            for key, buffer in module.named_buffers(recurse=False):
+                if key not in module._non_persistent_buffers_set:
+                    state[dot + key] = buffer.detach()
         return state
 
     def load_adapter_state_dict(self, state: dict[str, Tensor]) -> None:

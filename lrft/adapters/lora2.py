@@ -5,8 +5,13 @@
     u (out×k), v (k×R), Λ = diag(λ) (R entries, ``lora_lambda``), U (R×k), V (k×in).
 
 ``adapter.k`` is the projection dimension (it sets the parameter count); ``adapter.r`` is R, the number
-of prunable singular values. Λ starts at 0 and u, v, U, V are Gaussian (std 0.02: the paper says only
-"random Gaussian"; 0.02 is AdaLoRA's, on which LoRA² builds), so training starts from the base model.
+of prunable singular values. Λ starts at 0, so training starts from the base model, and u, v, U, V are
+Gaussian. The paper says only "random Gaussian"; we scale each factor so that it starts near the minimum
+of its own orthogonality regulariser (below): std 1/√out for u and 1/√in for V (unit-norm columns of u,
+rows of V), 1/√R for v and U (unit-norm rows of v, columns of U). P and Q then start with columns / rows
+of norm about √(k/R), and ∂L/∂λ_i = scale · p_iᵀ G q_i is as large as in a LoRA. AdaLoRA's 0.02 for every
+factor makes ΔW a product of four small factors and a zero: measured on SmolLM2-135M 4-bit, 12 steps at
+learning rates up to 3e-2 left the loss exactly at the base model's.
 The scaling alpha / R (alpha defaults to 2R, as for every lrft adapter) is our convention; the paper
 writes ΔW = PΛQ with no scale. Paper defaults: R = 8 (its rank figures), k ∈ {1, 8}; ours are R = 8,
 k = 8.
@@ -44,9 +49,6 @@ from torch import Tensor, nn
 from .base import AdapterConfig
 from .budget import BudgetConfig, BudgetController, RankPrunedLayer, gaussian_, gram_penalty
 
-INIT_STD = 0.02
-
-
 class LoRA2Config(BudgetConfig):
     type: Literal["lora2"] = "lora2"
     r: int = Field(8, gt=0, description="R: number of prunable singular values (the paper uses 8)")
@@ -60,11 +62,11 @@ class LoRA2Layer(RankPrunedLayer):
         super().__init__(base_layer, config, shared, name, frozen_dtype)
         rank, k = config.r, config.k
         kwargs = dict(device=self.device, dtype=torch.float32)
-        self.lora_u = nn.Parameter(gaussian_(torch.empty(self.out_features, k, **kwargs), INIT_STD))
-        self.lora_v = nn.Parameter(gaussian_(torch.empty(k, rank, **kwargs), INIT_STD))
+        self.lora_u = nn.Parameter(gaussian_(torch.empty(self.out_features, k, **kwargs), self.out_features**-0.5))
+        self.lora_v = nn.Parameter(gaussian_(torch.empty(k, rank, **kwargs), rank**-0.5))
         self.lora_lambda = nn.Parameter(torch.zeros(rank, **kwargs))
-        self.lora_U = nn.Parameter(gaussian_(torch.empty(rank, k, **kwargs), INIT_STD))
-        self.lora_V = nn.Parameter(gaussian_(torch.empty(k, self.in_features, **kwargs), INIT_STD))
+        self.lora_U = nn.Parameter(gaussian_(torch.empty(rank, k, **kwargs), rank**-0.5))
+        self.lora_V = nn.Parameter(gaussian_(torch.empty(k, self.in_features, **kwargs), self.in_features**-0.5))
         self.init_rank_mask(rank)
 
     def delta(self, x: Tensor) -> Tensor:

@@ -170,6 +170,7 @@ class RandomBases:
             return
         tag = f"randlora.sparse{sparsity:g}"
         a_name = f"{tag}.A.{num_terms}x{rank}x{small}"
+        self._shared, self._a_name = shared, a_name
         b_name = f"{tag}.B.{large}x{num_terms}x{rank}"
 
         def a_tiled(shape, generator):
@@ -197,20 +198,38 @@ class RandomBases:
         return self.B.to_dense() if self.sparse else self.B
 
     # M = scaling · [Λ_1 A Γ_1; …; Λ_n A Γ_n], shape (n·r, d)
-    def scaled_basis(self, lambdas: Tensor, gammas: Tensor, scaling: float, dtype: torch.dtype):
-        """(M, Mᵀ) in ``dtype``: dense tensors (Mᵀ a view), or two CSR tensors sharing A_tiled's indices."""
+    def scaled_basis(self, lambdas: Tensor, gammas: Tensor, scaling: float, dtype: torch.dtype,
+                     need_M: bool = True, need_M_t: bool = True):
+        """(M, Mᵀ) in ``dtype``: dense tensors (Mᵀ a view), or two CSR tensors sharing A_tiled's indices.
+
+        Sparse: only the orientations asked for are built (the other is None); each costs a pass over
+        the nnz values."""
         lambdas, gammas = lambdas.float(), gammas.float()
         if not self.sparse:
             scaled = self.A.float().unsqueeze(0) * (gammas * scaling).unsqueeze(1)
             scaled.mul_(lambdas.unsqueeze(2))
             M = scaled.reshape(-1, self.small).to(dtype)
             return M, M.mT
-        M = self._sparse_scaled(self.A_tiled, lambdas, gammas, scaling, dtype, transposed=False)
-        M_t = self._sparse_scaled(self.A_tiled_t, lambdas, gammas, scaling, dtype, transposed=True)
+        M = self._sparse_scaled(self.A_tiled, lambdas, gammas, scaling, dtype, transposed=False) if need_M else None
+        M_t = (
+            self._sparse_scaled(self.A_tiled_t, lambdas, gammas, scaling, dtype, transposed=True) if need_M_t else None
+        )
         return M, M_t
 
     def _entry_indices(self, tiled: Tensor, transposed: bool) -> tuple[Tensor, Tensor]:
-        """For every stored entry of a tiled-A CSR: its flat index into Λ (n·r) and into Γ (n·d)."""
+        """For every stored entry of a tiled-A CSR: its flat index into Λ (n·r) and into Γ (n·d).
+
+        Fixed by the sparsity pattern, so computed once per pattern and orientation and shared like the
+        bases themselves (one (2, nnz) int64 tensor in SharedTensors), not on every forward and backward."""
+        name = self._a_name + (".index.t" if transposed else ".index")
+        nnz = tiled.values().numel()
+        stacked = self._shared.get(
+            name, (2, nnz), lambda shape, g: torch.stack(self._compute_entry_indices(tiled, transposed)),
+            tiled.device, torch.int64,
+        )
+        return stacked[0], stacked[1]
+
+    def _compute_entry_indices(self, tiled: Tensor, transposed: bool) -> tuple[Tensor, Tensor]:
         crow = tiled.crow_indices().long()
         rows = torch.repeat_interleave(torch.arange(tiled.shape[0], device=crow.device), crow.diff())
         cols = tiled.col_indices().long()
@@ -275,7 +294,9 @@ def _outer_on_pattern(left: Tensor, right: Tensor, pattern: Tensor) -> Tensor:
         return left.mT @ right
     a, b = left.mT.contiguous(), right.contiguous()
     if a.dtype != torch.float32:  # sampled_addmm has no half-precision kernels
-        a, b, pattern = a.float(), b.float(), pattern.float()
+        a, b = a.float(), b.float()
+    if pattern.dtype != a.dtype:
+        pattern = pattern.to(a.dtype)
     return torch.sparse.sampled_addmm(pattern, a, b, beta=0.0).values()
 
 
@@ -295,7 +316,10 @@ class _RandLoRAProduct(torch.autograd.Function):
     def forward(ctx, x: Tensor, lambdas: Tensor, gammas: Tensor, plan: _Plan) -> Tensor:
         bases = plan.bases
         with torch.autocast(x.device.type, enabled=False):
-            M, M_t = bases.scaled_basis(lambdas, gammas, plan.scaling, plan.dtype)
+            small_first = plan.form_weight or plan.input_is_small
+            M, M_t = bases.scaled_basis(
+                lambdas, gammas, plan.scaling, plan.dtype, need_M=small_first, need_M_t=not small_first
+            )
             B = bases.B.to(plan.dtype)
             if plan.form_weight:
                 C = B @ M  # (D, d)
@@ -323,7 +347,14 @@ class _RandLoRAProduct(torch.autograd.Function):
         grad_x = grad_M = None
         with torch.autocast(grad_y.device.type, enabled=False):
             grad_y = grad_y.to(plan.dtype)
-            M, M_t = bases.scaled_basis(lambdas, gammas, plan.scaling, plan.dtype)  # rebuilt, not kept
+            # rebuilt, not kept; sparse: only the orientation the input gradient needs (the gradient of
+            # M is sampled on A_tiled's pattern, whose values it does not read)
+            M, M_t = bases.scaled_basis(
+                lambdas, gammas, plan.scaling, plan.dtype,
+                need_M=not bases.sparse or (need_x and not plan.input_is_small),
+                need_M_t=need_x and plan.input_is_small and not plan.form_weight,
+            )
+            pattern = bases.A_tiled if bases.sparse else M
             B = bases.B.to(plan.dtype)
             if plan.form_weight:
                 C = B @ M
@@ -341,12 +372,12 @@ class _RandLoRAProduct(torch.autograd.Function):
                 B_t = bases.B_t.to(plan.dtype) if bases.sparse else B.mT
                 grad_u = _mm_t(grad_y, B_t)
                 grad_x = _mm_t(grad_u, M_t) if need_x else None
-                grad_M = _outer_on_pattern(grad_u, x, M) if need_scales else None
+                grad_M = _outer_on_pattern(grad_u, x, pattern) if need_scales else None
             else:  # y = (x·B)·M
                 u = saved
                 grad_x = _mm_t(_mm_t(grad_y, M), B) if need_x else None
-                grad_M = _outer_on_pattern(u, grad_y, M) if need_scales else None
-            del M, M_t
+                grad_M = _outer_on_pattern(u, grad_y, pattern) if need_scales else None
+            del M, M_t, pattern
             grad_lambdas = grad_gammas = None
             if need_scales:
                 grad_lambdas, grad_gammas = bases.scaling_grads(grad_M, lambdas, gammas, plan.scaling)
