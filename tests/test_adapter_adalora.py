@@ -148,7 +148,7 @@ def test_adalora_prunes_to_target_budget_in_training_loop():
             frozen.update({n: l.rank_mask.clone() for n, l in controller.layers.items()})
 
     model, layers, controller = train_toy(
-        "adalora", total_steps=30, observe=observe, r=6, target_r=2, tinit=3, tfinal=10, delta_t=2, seed=1
+        "adalora", total_steps=30, observe=observe, r=6, target_r=2, tinit=3, tfinal=10, delta_t=2, seed=1, orth_reg=0.1
     )
     schedule = controller.schedule
     assert schedule.final_start == 20

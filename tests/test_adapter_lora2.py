@@ -97,7 +97,7 @@ def test_lora2_parameter_count_reproduces_the_paper():
 def test_lora2_starts_at_zero_delta_with_defaults():
     spec = get_adapter("lora2")
     config = spec.config(type="lora2")
-    assert (config.r, config.k, config.target_rank, config.orth_reg) == (8, 8, 5, 0.1)
+    assert (config.r, config.k, config.target_rank, config.orth_reg) == (8, 8, 5, 0.001)
     torch.manual_seed(0)
     layer = spec.layer(make_linear("none", 256, 128), config, SharedTensors(0), "t")
     assert torch.count_nonzero(layer.delta_weight()) == 0

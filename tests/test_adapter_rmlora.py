@@ -139,7 +139,7 @@ def test_rmlora_starts_at_zero_delta():
 
 def test_config_defaults_and_variants():
     config = make_config(r=8)
-    assert config.orth_reg == 0.1 and config.orth_reg_norm == "squared" and config.mask_mode == "exact"
+    assert config.orth_reg == 0.001 and config.orth_reg_norm == "squared" and config.mask_mode == "exact"
     assert config.mask_rank == 4 and config.masking  # authors' r̂ = r/2
     assert make_config(r=1).mask_rank == 1 and not make_config(r=1).masking
     assert not make_config(r=8, mask_rank=None).masking  # R-LoRA
