@@ -59,23 +59,7 @@ def build(impl: str, case: bench.Case, shape: bench.Shape, device):
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, model.config.vocab_size, (shape.batch, shape.seq_len), generator=generator)
 
-    def one_step(step: int) -> None:
-        if controller is not None:
-            controller.start_step(step)
-        loss = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids).loss
-        extra = controller.extra_loss() if controller is not None else None
-        if extra is not None:
-            loss = loss + extra
-        loss.backward()
-        if controller is not None:
-            controller.before_optimizer_step(step, optimizer)
-        optimizer.step()
-        if controller is not None:
-            controller.after_optimizer_step(step, optimizer)
-        if peft_adalora:
-            model.base_model.update_and_allocate(step)
-        optimizer.zero_grad(set_to_none=True)
-
+    one_step = bench.make_step(model, optimizer, controller, peft_adalora, input_ids, torch.ones_like(input_ids), input_ids.device)
     return one_step, trainable
 
 

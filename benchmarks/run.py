@@ -402,6 +402,37 @@ class CudaPeakMemory:
 # --- the worker: one measurement in a fresh process ----------------------------------------------
 
 
+def make_step(model, optimizer, controller, peft_adalora: bool, input_ids, attention_mask, device, autocast_dtype=None):
+    """One optimizer step as lrft/train.py takes it (controller hooks around forward, backward, AdamW);
+    PEFT's AdaLoRA gets its own allocator call. Shared by run.py's workers and interleaved.py."""
+    import torch
+
+    def one_step(step: int) -> None:
+        if controller is not None:
+            controller.start_step(step)
+        autocast = (
+            torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+        )
+        with autocast:
+            # The model's own causal-LM loss on both sides (float32 cross-entropy over every next token):
+            # PEFT's AdaLoRA adds its orthogonality term to outputs.loss, so PEFT must see the labels.
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss
+            extra = controller.extra_loss() if controller is not None else None
+            if extra is not None:
+                loss = loss + extra
+        loss.backward()
+        if controller is not None:
+            controller.before_optimizer_step(step, optimizer)
+        optimizer.step()
+        if controller is not None:
+            controller.after_optimizer_step(step, optimizer)
+        if peft_adalora:
+            model.base_model.update_and_allocate(step)
+        optimizer.zero_grad(set_to_none=True)
+
+    return one_step
+
+
 def run_worker(spec: dict) -> dict:
     import torch
 
@@ -456,28 +487,7 @@ def run_worker(spec: dict) -> dict:
     input_ids = torch.randint(0, vocab, (shape.batch, shape.seq_len), generator=generator).to(device)
     attention_mask = torch.ones_like(input_ids)
 
-    def one_step(step: int) -> None:
-        if controller is not None:
-            controller.start_step(step)
-        autocast = (
-            torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
-        )
-        with autocast:
-            # The model's own causal-LM loss on both sides (float32 cross-entropy over every next token):
-            # PEFT's AdaLoRA adds its orthogonality term to outputs.loss, so PEFT must see the labels.
-            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss
-            extra = controller.extra_loss() if controller is not None else None
-            if extra is not None:
-                loss = loss + extra
-        loss.backward()
-        if controller is not None:
-            controller.before_optimizer_step(step, optimizer)
-        optimizer.step()
-        if controller is not None:
-            controller.after_optimizer_step(step, optimizer)
-        if peft_adalora:
-            model.base_model.update_and_allocate(step)
-        optimizer.zero_grad(set_to_none=True)
+    one_step = make_step(model, optimizer, controller, peft_adalora, input_ids, attention_mask, device, autocast_dtype)
 
     def synchronize() -> None:
         if device.type == "cuda":
