@@ -64,6 +64,21 @@ def test_randlora_each_basis_matches_naive_reference(basis, shape):
     check_all(build("none", *shape, r=8, basis=basis, **extra))
 
 
+@pytest.mark.parametrize("shape", [(16, 64), (64, 16)])
+def test_sparse_rows_of_unequal_length_and_empty_rows(shape):
+    """The gradient of M is taken row by row of A, padded to the longest row: rows of every length,
+    an empty one included, give the reference forward and gradients."""
+    for seed in range(200):
+        layer = build("none", *shape, r=8, basis="sparse", sparsity=8, seed=seed)
+        row_lengths = torch.count_nonzero(layer.bases.dense_A(), dim=1)
+        if row_lengths.min() == 0 and row_lengths.max() > 1:
+            break
+    else:
+        pytest.fail("no seed gave an empty row of A")
+    assert layer.bases.A_columns.shape == (8, int(row_lengths.max()))
+    check_all(layer)
+
+
 @pytest.mark.parametrize("shape", [(64, 64), (64, 80), (80, 64)])
 def test_formed_weight_path_matches_reference(shape):
     """Many tokens on a near-square layer take the formed-ΔW path; forward and gradients stay exact."""
