@@ -133,21 +133,23 @@ LORA_R, LORA_ALPHA = 16, 32
 
 
 def cpu_cases(matched_lora_rank: int) -> list[Case]:
+    # Listed so that every pair a goal compares runs back to back (see run_order): a slow drift of the
+    # machine over the run then barely moves a ratio.
     return [
+        Case("rmlora", f"RM-LoRA r={LORA_R} (mask 8, orth_reg 0.1)", "rmlora",
+             dict(r=LORA_R, alpha=LORA_ALPHA, mask_rank=8, orth_reg=0.1)),
+        Case("gmlora", f"GM-LoRA r={LORA_R} (mask 8, orth_reg 0)", "rmlora",
+             dict(r=LORA_R, alpha=LORA_ALPHA, mask_rank=8, orth_reg=0.0)),
         Case("lora", f"LoRA r={LORA_R}", "lora", dict(r=LORA_R, alpha=LORA_ALPHA), "lora"),
         Case("dora", f"DoRA r={LORA_R}", "dora", dict(r=LORA_R, alpha=LORA_ALPHA), "dora"),
         Case("vera", "VeRA r=256", "vera", dict(r=256, d_initial=0.1), "vera"),
-        Case("randlora", "RandLoRA r=32 (uniform)", "randlora", dict(r=32, alpha=640, basis="uniform"), "randlora"),
         Case("adalora", f"AdaLoRA r={LORA_R}->11", "adalora", dict(r=LORA_R, alpha=LORA_ALPHA, target_r=11, **BUDGET),
              "adalora"),
-        Case("randlora-sparse", "RandLoRA r=32 (sparse, s=sqrt(D))", "randlora",
-             dict(r=32, alpha=640, basis="sparse")),
+        Case("randlora", "RandLoRA r=32 (uniform)", "randlora", dict(r=32, alpha=640, basis="uniform"), "randlora"),
         Case("lora-matched", f"LoRA r={matched_lora_rank} (params of RandLoRA r=32)", "lora",
              dict(r=matched_lora_rank, alpha=2 * matched_lora_rank)),
-        Case("gmlora", f"GM-LoRA r={LORA_R} (mask 8, orth_reg 0)", "rmlora",
-             dict(r=LORA_R, alpha=LORA_ALPHA, mask_rank=8, orth_reg=0.0)),
-        Case("rmlora", f"RM-LoRA r={LORA_R} (mask 8, orth_reg 0.1)", "rmlora",
-             dict(r=LORA_R, alpha=LORA_ALPHA, mask_rank=8, orth_reg=0.1)),
+        Case("randlora-sparse", "RandLoRA r=32 (sparse, s=sqrt(D))", "randlora",
+             dict(r=32, alpha=640, basis="sparse")),
         Case("lora2", "LoRA² R=8, k=8", "lora2", dict(r=8, k=8, tinit=0, tfinal=300, delta_t=10)),
         Case("nola", "NoLA k=512, r=16", "nola", dict(r=16, num_basis=512)),
     ]
@@ -155,6 +157,22 @@ def cpu_cases(matched_lora_rank: int) -> list[Case]:
 
 # every type PEFT also has, and every lrft case a goal compares; RM-LoRA, LoRA² and NoLA only in full mode
 QUICK_KEYS = ["lora", "randlora", "randlora-sparse", "lora-matched", "gmlora", "dora", "vera", "adalora"]
+
+
+def run_order(plan: list) -> list:
+    """The measurements in the order they run: as listed, except that a PEFT measurement runs before
+    its lrft twin when the case before them was also a pair, so lrft's runs next to both its PEFT twin
+    and an lrft-only case after it (RandLoRA, then LoRA at its parameter count); after an lrft-only
+    case lrft runs first (GM-LoRA, then LoRA)."""
+    order: list = []
+    previous_was_pair = True
+    for m in plan:
+        if m.impl == "peft":
+            continue
+        twin = [p for p in plan if p.impl == "peft" and p.case.key == m.case.key]
+        order.extend(twin + [m] if twin and previous_was_pair else [m] + twin)
+        previous_was_pair = bool(twin)
+    return order
 
 
 def cuda_cases() -> list[Case]:
@@ -948,11 +966,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         wanted = args.cases.split(",")
         cases = [c for c in cases if c.key in wanted]
 
-    plan: list[Measurement] = []
+    plan: list[Measurement] = []  # the report's order: cases as listed, lrft before PEFT
     for case in cases:
         plan.append(Measurement("lrft", case, skipped=lrft_available(case.adapter)))
         if case.peft:
             plan.append(Measurement("peft", case, skipped=peft_available(case.peft)))
+    order = run_order(plan)
     expected = {}
     for case in cases:
         if lrft_available(case.adapter) is None:
@@ -964,7 +983,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{shape.description}; batch {shape.batch} x {shape.seq_len}; {steps} steps after {warmup} warm-up; "
           f"{rounds} round(s); {total} measurements", flush=True)
     for rnd in range(rounds):
-        for m in (plan if rnd % 2 == 0 else list(reversed(plan))):
+        for m in (order if rnd % 2 == 0 else list(reversed(order))):
             if m.skipped:
                 continue
             spec = {"impl": m.impl, "case": asdict(m.case), "shape": shape.name, "device": args.device,

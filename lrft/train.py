@@ -466,7 +466,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
     device = accelerator.device
     model = load_base_model(cfg.model, cfg.quantization, device)
     seed_everything(tcfg.seed)
-    layers = inject_adapters(model, cfg.adapter, frozen_dtype_of(model, cfg.quantization))
+    frozen_dtype = frozen_dtype_of(model, cfg.quantization)
+    layers = inject_adapters(model, cfg.adapter, frozen_dtype)
     if rank > 0:
         # From here on the global generators only drive dropout, whose masks should differ between the
         # processes' slices of a batch (process 0 keeps the single-process stream).
@@ -513,6 +514,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
         "processes": world,
         "distributed": str(accelerator.distributed_type.value),
         "mixed_precision": mixed,
+        # what model.dtype / quantization.compute_dtype "auto" resolved to on this device
+        "base_dtype": str(next((p.dtype for p in model.parameters() if p.is_floating_point()), None)),
+        "compute_dtype": str(frozen_dtype),
         "trainable_parameters": n_trainable,
         "adapted_modules": len(layers),
         "train_examples": len(data.train),

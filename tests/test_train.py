@@ -49,6 +49,8 @@ def test_train_writes_the_run_layout(tiny_model_dir, tmp_path):
     assert len(cfg["layers"]) == 2 * 5
     run = json.loads((out / "run.json").read_text())
     assert run["seed"] == 42 and "torch" in run["versions"] and run["recipe_hash"]
+    # "auto" is recorded as what it resolved to: float32 on a CPU
+    assert (run["base_dtype"], run["compute_dtype"]) == ("torch.float32", "torch.float32")
 
 
 def test_loss_falls_on_the_sample(tiny_model_dir, tmp_path):
