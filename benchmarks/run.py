@@ -661,11 +661,15 @@ class Workers:
     interpreter would, but without re-paying the imports for each of the dozens of measurements (about
     half of a quick measurement's wall time). The zygote never computes, so it has no thread pool for
     the fork to break; it waits for each child and enforces the timeout. Close it before reading the
-    CPU time of finished children (ForeignLoad): the children's time reaches this process through it."""
+    CPU time of finished children (ForeignLoad): the children's time reaches this process through it.
 
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--zygote"], cwd=REPO,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    With ``preload=False`` (CUDA runs) the zygote imports nothing and each child imports for itself:
+    importing bitsandbytes or transformers may query the CUDA driver, and a process forked after that
+    cannot use CUDA."""
+
+    def __init__(self, preload: bool) -> None:
+        command = [sys.executable, str(Path(__file__).resolve()), "--zygote", "preload" if preload else "bare"]
+        self.proc = subprocess.Popen(command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def run(self, spec: dict, timeout: float) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
@@ -689,12 +693,12 @@ class Workers:
         self.proc.wait()
 
 
-def zygote() -> int:
+def zygote(preload: bool) -> int:
     """The --zygote process: preload, then fork one child per request line on stdin."""
     import importlib
     import signal
 
-    for module in PRELOAD:
+    for module in PRELOAD if preload else []:
         with contextlib.suppress(ImportError):  # peft is optional: its measurements are skipped without it
             importlib.import_module(module)
     for line in sys.stdin:
@@ -994,11 +998,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="profile one extra step per measurement (default: on, off with --quick)")
     parser.add_argument("--timeout", type=float, help="seconds per measurement")
     parser.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
-    parser.add_argument("--zygote", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--zygote", choices=["preload", "bare"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.zygote:
-        return zygote()
+        return zygote(args.zygote == "preload")
 
     if args.device == "cuda":
         import torch
@@ -1043,7 +1047,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     done = 0
     print(f"{shape.description}; batch {shape.batch} x {shape.seq_len}; {steps} steps after {warmup} warm-up; "
           f"{rounds} round(s); {total} measurements", flush=True)
-    workers = Workers()
+    workers = Workers(preload=args.device == "cpu")
     for rnd in range(rounds):
         for m in (order if rnd % 2 == 0 else list(reversed(order))):
             if m.skipped:

@@ -2,7 +2,9 @@
 
 import importlib.util
 import sys
+from dataclasses import asdict
 
+import pytest
 from conftest import ROOT
 
 
@@ -36,19 +38,29 @@ def test_compared_pairs_run_back_to_back():
     assert adjacent(("lrft", "gmlora"), ("lrft", "lora"))
 
 
-def test_workers_report_a_failing_or_overrunning_measurement():
-    """The zygote forks one child per measurement: a child that raises and one past its timeout both come
-    back as that measurement's error, and the zygote goes on serving."""
+@pytest.mark.parametrize("preload", [True, False])
+def test_workers_measure_and_report_failures(preload):
+    """The zygote forks one child per measurement: a measurement comes back with its counts and times, a
+    child that raises and one past its timeout come back as that measurement's error, and the zygote
+    goes on serving."""
     bench = load_bench()
-    workers = bench.Workers()
+    shape = bench.SHAPES["llama-tiny"]
+    case = bench.Case("lora", "LoRA r=4", "lora", dict(r=4, alpha=8), "lora")
+    expected = bench.expected_trainable(case, bench.target_shapes(shape), shape.targets)
+    spec = {"impl": "lrft", "case": asdict(case), "shape": shape.name, "device": "cpu", "memory_steps": 1,
+            "warmup": 0, "steps": 2, "threads": 1, "profile": False, "expected_trainable": expected}
+    workers = bench.Workers(preload=preload)
     try:
+        measured = workers.run(spec, timeout=120)
+        assert measured["status"] == "ok", measured
+        # 2 blocks x r=4 x (in + out) of q (128->128), k, v (128->64), up (128->256), down (256->128)
+        assert measured["trainable"] == expected == 2 * 4 * (256 + 192 + 192 + 384 + 384)
+        assert len(measured["step_s"]) == 2 and measured["adapter_file_bytes"] > 4 * expected
         failed = workers.run({"shape": "no-such-shape"}, timeout=60)
         assert failed["status"] == "error" and "no-such-shape" in failed["error"]
-        spec = {"impl": "lrft", "case": {"key": "lora", "label": "LoRA", "adapter": "lora", "options": {}},
-                "shape": "llama-tiny", "device": "cpu"}
         overran = workers.run(spec, timeout=0.01)
         assert overran == {"status": "error", "error": "timed out after 0 s"}
-        assert workers.run({"shape": "again"}, timeout=60)["status"] == "error"
+        assert workers.run(spec, timeout=120)["status"] == "ok"
     finally:
         workers.close()
     assert workers.proc.returncode == 0
