@@ -693,6 +693,29 @@ class Workers:
         self.proc.wait()
 
 
+def measure_in_child(request: dict) -> None:
+    """The forked child's whole life: one measurement, its result written, then exit, whatever happens
+    (it must never return into the zygote's loop)."""
+    code = 1
+    try:
+        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        try:
+            result = run_worker(request["spec"])
+        except Exception as exc:  # noqa: BLE001 - reported to the parent as this measurement's error
+            import traceback
+
+            traceback.print_exc()
+            result = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+        Path(request["out"]).write_text(json.dumps(result))
+        code = 0
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def zygote(preload: bool) -> int:
     """The --zygote process: preload, then fork one child per request line on stdin."""
     import importlib
@@ -705,20 +728,7 @@ def zygote(preload: bool) -> int:
         request = json.loads(line)
         pid = os.fork()
         if pid == 0:
-            log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(log, 1)
-            os.dup2(log, 2)
-            try:
-                result = run_worker(request["spec"])
-            except Exception as exc:  # noqa: BLE001 - reported to the parent as this measurement's error
-                import traceback
-
-                traceback.print_exc()
-                result = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
-            Path(request["out"]).write_text(json.dumps(result))
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+            measure_in_child(request)
         deadline, timed_out = time.monotonic() + request["timeout"], False
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
