@@ -5,7 +5,10 @@ For each shape of SmolLM2's seven targets, one frozen ``nn.Linear`` alone and wr
 sparse (s = √D) bases. The input needs a gradient, as every projection's does inside a model. Times
 are this process's CPU time (``time.process_time``, one thread by default: the compute without the
 waits other processes add), the variants stepped in turn so that contention hits them alike; the
-median of ``--steps``. ``--profile`` adds torch.profiler's self-CPU shares for the sparse layer.
+median of ``--steps``; glibc's mmap threshold fixed as in run.py's timed steps (else fresh buffers are
+mapped and faulted in on every call). A second table times the adapters' own part (``delta``) alone,
+forward and backward. ``--profile`` adds torch.profiler's self-CPU shares for the sparse layer (the
+profiler's own overhead inflates the shares of short ops).
 
     python benchmarks/layers.py [--tokens 512] [--steps 20] [--threads 1] [--profile]
 """
@@ -18,6 +21,7 @@ import time
 
 import torch
 
+import run as bench  # noqa: E402  (benchmarks/run.py: the allocator setting of its timed steps)
 from lrft.adapters import get_adapter
 from lrft.adapters.base import SharedTensors
 
@@ -51,6 +55,19 @@ def step(layer: torch.nn.Module, x: torch.Tensor) -> float:
     return elapsed
 
 
+def delta_step(layer: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """CPU seconds of the adapter's own forward and backward (the frozen layer left out)."""
+    start = time.process_time()
+    out = layer.delta(x)
+    middle = time.process_time()
+    out.backward(torch.ones_like(out))
+    end = time.process_time()
+    x.grad = None
+    for p in layer.parameters():
+        p.grad = None
+    return middle - start, end - middle
+
+
 def profile_sparse(in_features: int, out_features: int, x: torch.Tensor, steps: int) -> None:
     layer = build(VARIANTS["RandLoRA sparse"], in_features, out_features)
     step(layer, x)
@@ -72,6 +89,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    bench.set_malloc_thresholds(bench.TIMING_MMAP_THRESHOLD)
     print(f"{args.tokens} tokens, {args.threads} thread(s), CPU ms per forward + backward, median of {args.steps}")
     print(f"| layer (in→out) | {' | '.join(VARIANTS)} |")
     print(f"|---|{'---:|' * len(VARIANTS)}")
@@ -85,6 +103,24 @@ def main() -> None:
                 if i >= 2:
                     times[name].append(elapsed)
         cells = " | ".join(f"{1e3 * statistics.median(t):.1f}" for t in times.values())
+        print(f"| {in_features}→{out_features} ({label}) | {cells} |", flush=True)
+    adapters = [name for name, options in VARIANTS.items() if options is not None]
+    print(f"\nthe adapter alone (delta): CPU ms forward / backward, median of {args.steps}")
+    print(f"| layer (in→out) | {' | '.join(adapters)} |")
+    print(f"|---|{'---:|' * len(adapters)}")
+    for label, (in_features, out_features) in SHAPES.items():
+        layers = {name: build(VARIANTS[name], in_features, out_features) for name in adapters}
+        x = torch.randn(args.tokens, in_features, requires_grad=True)
+        times = {name: [] for name in adapters}
+        for i in range(args.steps + 2):
+            for name, layer in layers.items():
+                elapsed = delta_step(layer, x)
+                if i >= 2:
+                    times[name].append(elapsed)
+        cells = " | ".join(
+            f"{1e3 * statistics.median(f for f, _ in t):.2f} / {1e3 * statistics.median(b for _, b in t):.2f}"
+            for t in times.values()
+        )
         print(f"| {in_features}→{out_features} ({label}) | {cells} |", flush=True)
     if args.profile:
         x = torch.randn(args.tokens, 576, requires_grad=True)
