@@ -21,7 +21,7 @@ import time
 
 import torch
 
-import run as bench  # noqa: E402  (benchmarks/run.py: the allocator setting of its timed steps)
+import run as bench  # benchmarks/run.py: the allocator setting of its timed steps
 from lrft.adapters import get_adapter
 from lrft.adapters.base import SharedTensors
 
@@ -45,13 +45,17 @@ def build(options, in_features: int, out_features: int) -> torch.nn.Module:
     return spec.layer(base, config, shared, "layer").train()
 
 
+def clear_grads(layer: torch.nn.Module, x: torch.Tensor) -> None:
+    x.grad = None
+    for p in layer.parameters():
+        p.grad = None
+
+
 def step(layer: torch.nn.Module, x: torch.Tensor) -> float:
     start = time.process_time()
     layer(x).square().mean().backward()
     elapsed = time.process_time() - start
-    x.grad = None
-    for p in layer.parameters():
-        p.grad = None
+    clear_grads(layer, x)
     return elapsed
 
 
@@ -62,10 +66,22 @@ def delta_step(layer: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
     middle = time.process_time()
     out.backward(torch.ones_like(out))
     end = time.process_time()
-    x.grad = None
-    for p in layer.parameters():
-        p.grad = None
+    clear_grads(layer, x)
     return middle - start, end - middle
+
+
+def timed_in_turn(variants: list[str], in_features: int, out_features: int, timer, tokens: int, steps: int):
+    """{variant: [timer's result per step]}: every variant stepped once per round on the same input, the
+    first 2 rounds dropped as warm-up."""
+    layers = {name: build(VARIANTS[name], in_features, out_features) for name in variants}
+    x = torch.randn(tokens, in_features, requires_grad=True)
+    times: dict[str, list] = {name: [] for name in variants}
+    for i in range(steps + 2):
+        for name, layer in layers.items():
+            elapsed = timer(layer, x)
+            if i >= 2:
+                times[name].append(elapsed)
+    return times
 
 
 def profile_sparse(in_features: int, out_features: int, x: torch.Tensor, steps: int) -> None:
@@ -94,14 +110,7 @@ def main() -> None:
     print(f"| layer (in→out) | {' | '.join(VARIANTS)} |")
     print(f"|---|{'---:|' * len(VARIANTS)}")
     for label, (in_features, out_features) in SHAPES.items():
-        layers = {name: build(options, in_features, out_features) for name, options in VARIANTS.items()}
-        x = torch.randn(args.tokens, in_features, requires_grad=True)
-        times: dict[str, list[float]] = {name: [] for name in layers}
-        for i in range(args.steps + 2):
-            for name, layer in layers.items():
-                elapsed = step(layer, x)
-                if i >= 2:
-                    times[name].append(elapsed)
+        times = timed_in_turn(list(VARIANTS), in_features, out_features, step, args.tokens, args.steps)
         cells = " | ".join(f"{1e3 * statistics.median(t):.1f}" for t in times.values())
         print(f"| {in_features}→{out_features} ({label}) | {cells} |", flush=True)
     adapters = [name for name, options in VARIANTS.items() if options is not None]
@@ -109,14 +118,7 @@ def main() -> None:
     print(f"| layer (in→out) | {' | '.join(adapters)} |")
     print(f"|---|{'---:|' * len(adapters)}")
     for label, (in_features, out_features) in SHAPES.items():
-        layers = {name: build(VARIANTS[name], in_features, out_features) for name in adapters}
-        x = torch.randn(args.tokens, in_features, requires_grad=True)
-        times = {name: [] for name in adapters}
-        for i in range(args.steps + 2):
-            for name, layer in layers.items():
-                elapsed = delta_step(layer, x)
-                if i >= 2:
-                    times[name].append(elapsed)
+        times = timed_in_turn(adapters, in_features, out_features, delta_step, args.tokens, args.steps)
         cells = " | ".join(
             f"{1e3 * statistics.median(f for f, _ in t):.2f} / {1e3 * statistics.median(b for _, b in t):.2f}"
             for t in times.values()

@@ -1,4 +1,5 @@
-"""The benchmark's plan: every pair a goal of issue 8 compares runs back to back."""
+"""benchmarks/run.py: its run order (every pair a goal of issue 8 compares runs back to back) and its
+forked worker processes."""
 
 import importlib.util
 import sys
