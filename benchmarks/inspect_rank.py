@@ -6,7 +6,7 @@ The default is the reviewer's check: LoRA r = 64 on LLaMA3-8B's five published t
     python benchmarks/inspect_rank.py [--folder DIR] [--rank 64] [--blocks 32] [--threads 2]
 
 The adapter is written with ``save_adapter`` from layers built around shape-only stand-in bases
-(:class:`lrft.diagnostics.ShapeOnlyLinear`), so only the adapter's own tensors are ever in memory.
+(:class:`lrft.adapter_folder.ShapeOnlyLinear`), so only the adapter's own tensors are ever in memory.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 
 from lrft.adapters import get_adapter
 from lrft.adapters.base import SharedTensors
-from lrft.diagnostics import ShapeOnlyLinear, run_inspect_rank
-from lrft.inject import save_adapter
+from lrft.adapter_folder import ShapeOnlyLinear, save_adapter
+from lrft.inspect_rank import run_inspect_rank
 
 # (out, in) of each target of one LLaMA3-8B block
 LLAMA3_8B_BLOCK = {
@@ -55,7 +55,11 @@ def write_random_lora(
                 layer.lora_A.normal_(0.0, in_features**-0.5, generator=generator)
                 layer.lora_B.normal_(0.0, 0.01, generator=generator)
             layers[name] = layer
-    base = {"base_model": {"name_or_path": base_name}, "quantization": {"bits": 4}}
+    base = {
+        "base_model": {"name_or_path": base_name, "dtype": "bfloat16"},
+        "quantization": {"bits": 4, "compute_dtype": "bfloat16"},
+        "dtypes": {"load": "bfloat16", "compute": "bfloat16", "frozen": "bfloat16"},
+    }
     return save_adapter(folder, layers, config, base)
 
 

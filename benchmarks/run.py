@@ -246,7 +246,7 @@ def build_random_llama(shape: Shape, device, compute_dtype):
     from torch import nn
     from transformers import LlamaForCausalLM
 
-    from lrft.inject import _set_module
+    from lrft.inject import replace_module
 
     config = random_llama_config(shape)
     with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) real, on the CPU
@@ -266,7 +266,7 @@ def build_random_llama(shape: Shape, device, compute_dtype):
                 quant_storage=torch.uint8, module=quantized,
             ).to(device)  # quantizes
             del weight
-            _set_module(model, name, quantized)
+            replace_module(model, name, quantized)
     for module in model.modules():
         for pname, param in list(module.named_parameters(recurse=False)):
             if param.device.type != "meta":
@@ -289,7 +289,7 @@ def load_base(shape: Shape, device):
     """(model, frozen dtype of the adapters' random tensors, autocast dtype or None)."""
     import torch
 
-    from lrft.model import frozen_dtype_of, load_base_model, quiet_libraries
+    from lrft.model import Dtypes, load_base_model, quiet_libraries
     from lrft.recipe import ModelSection, QuantizationSection
 
     quiet_libraries()
@@ -300,8 +300,9 @@ def load_base(shape: Shape, device):
     name = truncated_smollm2(shape.blocks) if shape.blocks else "smollm2-135m-instruct"
     quant = QuantizationSection(bits=4)
     model = load_base_model(ModelSection(name_or_path=name), quant, device)
-    autocast = frozen_dtype_of(model, quant) if device.type == "cuda" else None  # train.py: bf16 autocast on GPUs
-    return model, frozen_dtype_of(model, quant), autocast
+    frozen = Dtypes.resolve(ModelSection(name_or_path=name), quant, device).frozen
+    autocast = frozen if device.type == "cuda" else None  # train.py: bf16 autocast on GPUs
+    return model, frozen, autocast
 
 
 def target_shapes(shape: Shape) -> dict[str, tuple[int, int]]:
@@ -540,7 +541,7 @@ def run_worker(spec: dict) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         if impl == "lrft":
-            from lrft.inject import WEIGHTS_NAME, save_adapter
+            from lrft.adapter_folder import WEIGHTS_NAME, save_adapter
 
             save_adapter(tmp, layers, config, base={})
             weights = Path(tmp) / WEIGHTS_NAME

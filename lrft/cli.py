@@ -35,6 +35,11 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="build the model on the meta device and print the plan"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint in the output dir"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing non-empty output dir"),
+    extend_schedule: bool = typer.Option(
+        False, "--extend-schedule",
+        help="with --resume: accept a larger training.max_steps / epochs; the learning-rate schedule is recomputed "
+        "for the new length (recorded in run.json)",
+    ),
 ) -> None:
     """Train an adapter from a recipe."""
     from .recipe import load_recipe
@@ -46,13 +51,13 @@ def train(
         overrides.append(f"training.max_steps={max_steps}")
     spec = load_recipe(recipe, overrides)
     if dry_run:
-        from .train import dry_run as run_dry
+        from .plan import dry_run as run_dry
 
         run_dry(spec)
         return
     from .train import train as run_train
 
-    run_train(spec, resume=resume, overwrite=overwrite)
+    run_train(spec, resume=resume, overwrite=overwrite, extend_schedule=extend_schedule)
 
 
 class EvalMode(str, Enum):
@@ -110,7 +115,7 @@ def inspect_rank(
     layers: Optional[str] = typer.Option(None, "--layers", help="regex selecting layer names"),
 ) -> None:
     """Intrinsic rank, spectrum and orthogonality of trained adapters."""
-    from .diagnostics import run_inspect_rank
+    from .inspect_rank import run_inspect_rank
 
     run_inspect_rank(adapter_dir, compare=compare, json_out=json_out, plot=plot, tol=tol, device=device, layers=layers)
 
@@ -118,9 +123,9 @@ def inspect_rank(
 def main(argv: Optional[list[str]] = None) -> None:
     global _DEBUG
     args = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" in args:
+    _DEBUG = "--debug" in args
+    if _DEBUG:
         args.remove("--debug")
-        _DEBUG = True
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if args and args[0] in ("train", "eval", "merge", "inspect-rank"):

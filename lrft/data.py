@@ -13,10 +13,9 @@ only when the tokenized sequence is shorter than ``cutoff_len``; labels equal th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 
@@ -233,9 +232,6 @@ class DataOrder:
             self._perms.pop(e - 2, None)
         return self._perms[e]
 
-    def steps_per_epoch(self) -> float:
-        return self.n / self.batch_size
-
     def global_batch(self, step: int) -> list[int]:
         start = step * self.batch_size
         out = []
@@ -269,14 +265,3 @@ def micro_batches(examples: list[dict], micro_batch_size: int) -> Iterator[list[
 def target_tokens(examples: list[dict]) -> int:
     """Tokens that contribute to the loss (labels shifted by one, as the model predicts the next token)."""
     return sum(sum(1 for t in e["labels"][1:] if t != IGNORE_INDEX) for e in examples)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def samples_dir() -> Optional[Path]:
-    """The commonsense sample shipped inside the package (see lrft/samples/commonsense/NOTICE)."""
-    here = Path(__file__).parent / "samples" / "commonsense"
-    return here if here.exists() else None

@@ -26,12 +26,13 @@ import json
 import math
 import re
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .data import IGNORE_INDEX, check_records, collate, eval_prompt, read_records, tokenize_record
+from .data import IGNORE_INDEX, check_records, collate, eval_prompt, micro_batches, read_records, target_tokens, tokenize_record
 from .errors import UserError
 from .io import write_json_atomic, write_text_atomic
 
@@ -468,10 +469,41 @@ class _progress:
         return False
 
 
-# --- loss on a training-format file -------------------------------------------------------------
+# --- token loss: training, validation and `lrft eval --loss` ---------------------------------------
+
+
+def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The cross-entropy summed over a batch's target tokens (each position predicts the next token's
+    label; -100 labels and padding count for nothing), in float32. Divide by the target-token count of
+    whatever the mean is over (a micro-batch, a global batch, a validation split)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 @torch.no_grad()
+def mean_token_loss(
+    model, examples: list[dict], batch_size: int, pad_id: int, device, autocast: Callable = nullcontext
+) -> tuple[float, int]:
+    """Mean token loss over ``examples`` (tokenized, with labels) and the number of target tokens, in eval
+    mode (the model's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        for chunk in micro_batches(examples, batch_size):
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+            with autocast():
+                total += float(summed_token_loss(model, batch))
+    finally:
+        if was_training:
+            model.train()
+    count = target_tokens(examples)
+    return total / max(1, count), count
+
+
 def evaluate_loss_file(model, tokenizer, data: Union[str, Path], limit: Optional[int] = None, batch_size: int = 8) -> dict:
     """Mean token loss (over target tokens) and perplexity on a commonsense-format file, tokenized as
     the trainer does by default (cutoff 256, loss on prompt tokens too)."""
@@ -479,28 +511,9 @@ def evaluate_loss_file(model, tokenizer, data: Union[str, Path], limit: Optional
     check_records(records, str(data))
     records = records[:limit]
     examples = [tokenize_record(r, tokenizer, "commonsense", LOSS_CUTOFF, train_on_inputs=True) for r in records]
-    examples.sort(key=lambda e: -len(e["input_ids"]))
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
+    examples.sort(key=lambda e: -len(e["input_ids"]))  # less padding
     started = time.perf_counter()
-    try:
-        for lo in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[lo : lo + batch_size], _pad_id(tokenizer)).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-            labels = batch["labels"][:, 1:]
-            total += float(
-                torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-                )
-            )
-            count += int((labels != IGNORE_INDEX).sum())
-    finally:
-        if was_training:
-            model.train()
-    seconds = time.perf_counter() - started
-    loss = total / max(1, count)
+    loss, count = mean_token_loss(model, examples, batch_size, _pad_id(tokenizer), _model_device(model))
     return {
         "mode": "loss",
         "model": getattr(getattr(model, "config", None), "_name_or_path", None),
@@ -510,7 +523,7 @@ def evaluate_loss_file(model, tokenizer, data: Union[str, Path], limit: Optional
         "tokens": count,
         "loss": loss,
         "perplexity": math.exp(min(loss, 700.0)),
-        "seconds": round(seconds, 3),
+        "seconds": round(time.perf_counter() - started, 3),
     }
 
 
@@ -566,13 +579,16 @@ def _parse_bits(quantization: Optional[str]) -> Optional[str]:
 
 
 def _load(adapter: Optional[Path], model: Optional[str], quantization: Optional[str]):
-    """(model, tokenizer, model name, quantization bits) for --adapter or --model."""
+    """(model, tokenizer, model name, quantization bits) for --adapter (lrft's or PEFT's) or --model."""
     if adapter is not None:
-        from .inject import load_model_with_adapter
+        from .adapter_folder import AdapterFolder
 
-        lm, tokenizer, _, info = load_model_with_adapter(adapter, quantization)
-        bits = None if quantization == "none" else int(quantization) if quantization else info.get("quantization", {}).get("bits")
-        return lm, tokenizer, info.get("base_model", {}).get("name_or_path"), bits
+        from .model import load_tokenizer
+
+        folder = AdapterFolder.read(adapter)
+        bits = folder.quantization.bits if quantization is None else None if quantization == "none" else int(quantization)
+        lm, _ = folder.load_model(bits=bits)
+        return lm, load_tokenizer(folder.base_name), folder.base_name, bits
     from .model import load_base_model, load_tokenizer
     from .recipe import ModelSection, QuantizationSection
 

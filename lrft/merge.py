@@ -37,7 +37,8 @@ of bad input) and nothing is written. A non-finite merged tensor fails the same 
 Everything is written into a temporary sibling folder renamed to ``OUT_DIR`` at the end
 (:func:`lrft.io.atomic_dir`): a crash or a kill leaves no ``OUT_DIR``.
 
-``--format peft`` writes the adapter itself in PEFT's layout instead (see :data:`PEFT_EXPORTERS`).
+``--format peft`` writes the adapter itself in PEFT's layout instead (:mod:`lrft.peft_format`). The adapter may
+be lrft's or PEFT's own (:class:`~lrft.adapter_folder.AdapterFolder` reads both).
 """
 
 from __future__ import annotations
@@ -51,17 +52,17 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .adapters import get_adapter
-from .adapters.base import AdapterConfig, AdapterLayer, SharedTensors
+from .adapter_folder import AdapterFolder
 from .errors import UserError
-from .inject import adapter_config_from_dict, read_adapter_config, read_adapter_weights
 from .io import atomic_dir, save_tensors_atomic, write_json_atomic
-from .model import DTYPES, check_bitsandbytes, default_device, dequantized_weight, resolve_dtype, resolve_model_path
+from .model import (
+    DTYPES, bnb_config, check_bitsandbytes, default_device, dequantized_weight, dtype_name, load_tokenizer, resolve_model_path,
+)
 
 BASES = ("dequantized", "original")
 REQUANTIZE = ("none", "nf4", "int8")
@@ -141,7 +142,7 @@ def run_merge(
     """
     adapter_dir, output = Path(adapter_dir), Path(output)
     _check_options(dtype, base, requantize, fmt, max_shard_bytes)
-    data = read_adapter_config(adapter_dir)
+    folder = AdapterFolder.read(adapter_dir)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"--output {output} already exists and is not empty; remove it or choose another folder")
     if output.resolve() == adapter_dir.resolve():
@@ -149,14 +150,13 @@ def run_merge(
     if fmt == "peft":
         if base != "dequantized" or requantize != "none":
             raise UserError("--base and --requantize apply to merged models, not --format peft; drop them or use --format hf")
-        return export_peft(adapter_dir, output, data)
-    if dtype == "auto":
-        # the dtype the base was loaded in for training (float32 on CPU, bfloat16 on recent GPUs): the merged
-        # model then computes what base + adapter computed, down to the greedy generations
-        out_dtype = BaseRecipe.from_adapter(data, default_device()).load_dtype
-    else:
-        out_dtype = DTYPES[dtype]
-    return _merge(adapter_dir, output, data, out_dtype, base, requantize, verify, max_shard_bytes)
+        from .peft_format import export_peft
+
+        return export_peft(folder, output)
+    # auto: the dtype the base was loaded in for training (as recorded): the merged model then computes what
+    # base + adapter computed, down to the greedy generations
+    out_dtype = folder.dtypes.load if dtype == "auto" else DTYPES[dtype]
+    return _merge(folder, output, out_dtype, base, requantize, verify, max_shard_bytes)
 
 
 def _check_options(dtype: str, base: str, requantize: str, fmt: str, max_shard_bytes: int) -> None:
@@ -209,29 +209,7 @@ def checkpoint_shards(folder: Path) -> list[Path]:
     return found
 
 
-@dataclass
-class BaseRecipe:
-    """How the adapter's base model was loaded for training (from adapter_config.json)."""
-
-    name_or_path: str
-    load_dtype: torch.dtype
-    bits: Optional[int]
-    compute_dtype: torch.dtype
-    quant: Any  # the QuantizationSection
-    frozen_dtype: torch.dtype  # where adapter layers keep frozen random tensors (frozen_dtype_of)
-
-    @classmethod
-    def from_adapter(cls, data: dict[str, Any], device: torch.device) -> "BaseRecipe":
-        from .recipe import ModelSection, QuantizationSection
-
-        model = ModelSection(**data.get("base_model", {}))
-        quant = QuantizationSection(**data.get("quantization", {}))
-        load_dtype = resolve_dtype(model.dtype, device)
-        compute = resolve_dtype(quant.compute_dtype, device) if quant.bits == 4 else load_dtype
-        return cls(model.name_or_path, load_dtype, quant.bits, compute, quant, compute if quant.bits == 4 else load_dtype)
-
-
-def quantized_linears(config, recipe: BaseRecipe) -> tuple[dict[str, nn.Module], nn.Module]:
+def quantized_linears(config, folder: AdapterFolder) -> tuple[dict[str, nn.Module], nn.Module]:
     """The linears bitsandbytes quantizes when loading this model as in training, by module name (meta
     modules that carry the quantization settings), and the meta model itself."""
     from accelerate import init_empty_weights
@@ -239,14 +217,13 @@ def quantized_linears(config, recipe: BaseRecipe) -> tuple[dict[str, nn.Module],
 
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
-    if recipe.bits is None:
+    bits = folder.quantization.bits
+    if bits is None:
         return {}, skeleton
     from transformers.quantizers import AutoHfQuantizer
 
-    from .model import bnb_config
-
-    check_bitsandbytes(recipe.bits)
-    quantizer = AutoHfQuantizer.from_config(bnb_config(recipe.quant, recipe.compute_dtype), pre_quantized=False)
+    check_bitsandbytes(bits)
+    quantizer = AutoHfQuantizer.from_config(bnb_config(folder.quantization, folder.dtypes.compute), pre_quantized=False)
     quantizer.preprocess_model(skeleton, device_map={"": "cpu"})
     found = {n: m for n, m in skeleton.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
     return found, skeleton
@@ -281,48 +258,6 @@ def plain_stand_in(weight: Tensor) -> nn.Module:
     layer = nn.Linear(in_features, out_features, bias=False, device="meta")
     layer.weight = nn.Parameter(weight, requires_grad=False)
     return layer
-
-
-# --- the adapter, one layer at a time -----------------------------------------------------------------
-
-
-class SavedAdapter:
-    """An adapter folder's config and tensors; rebuilds one layer at a time around a given base."""
-
-    def __init__(self, adapter_dir: Path, data: dict[str, Any], frozen_dtype: torch.dtype):
-        self.config: AdapterConfig = adapter_config_from_dict(data["adapter"])
-        self.spec = get_adapter(self.config.type)
-        self.shapes = {name: tuple(shape) for name, shape in data["layers"].items()}
-        self.frozen_dtype = frozen_dtype
-        self.shared = SharedTensors(self.config.seed, self.shapes)
-        self.state: dict[str, dict[str, Tensor]] = {name: {} for name in self.shapes}
-        for key, value in read_adapter_weights(adapter_dir).items():
-            owner = next((n for n in self.shapes if key.startswith(n + ".")), None)
-            if owner is None:
-                raise UserError(f"adapter file holds {key}, which belongs to no adapted layer; the adapter folder is inconsistent")
-            self.state[owner][key[len(owner) + 1 :]] = value
-
-    def layer(self, name: str, base_layer: Optional[nn.Module] = None) -> AdapterLayer:
-        """The trained layer ``name`` around ``base_layer`` (default: a zero weight, for adapters whose
-        tensors do not depend on the base), in eval mode."""
-        in_features, out_features = self.shapes[name]
-        if base_layer is None:
-            base_layer = plain_stand_in(torch.zeros(out_features, in_features))
-        if (base_layer.in_features, base_layer.out_features) != (in_features, out_features):
-            raise UserError(
-                f"adapter layer {name} is {in_features}->{out_features} but the checkpoint's weight is "
-                f"{base_layer.in_features}->{base_layer.out_features}; the adapter belongs to another base model"
-            )
-        layer: AdapterLayer = self.spec.layer(base_layer, self.config, self.shared, name, self.frozen_dtype)
-        try:
-            layer.load_adapter_state_dict({k: v.to(layer.device) for k, v in self.state[name].items()})
-        except (KeyError, ValueError) as exc:
-            raise UserError(f"adapter file does not match its config: {exc}") from exc
-        return layer.eval()
-
-    def delta_weight(self, name: str, base_layer: nn.Module) -> Tensor:
-        with torch.no_grad():
-            return self.layer(name, base_layer).delta_weight().float()
 
 
 # --- output shards ------------------------------------------------------------------------------------
@@ -376,7 +311,13 @@ class ShardWriter:
         return names
 
 
-# --- merging --------------------------------------------------------------------------------------------
+# --- merging --------------------------------------------------------------------------------
+
+
+def delta_weight(folder: AdapterFolder, name: str, stand_in: nn.Module) -> Tensor:
+    """ΔW of one layer, rebuilt around the weight it was trained on: each layer's own ``delta_weight()``."""
+    with torch.no_grad():
+        return folder.layer(name, stand_in).delta_weight().float()
 
 
 @dataclass
@@ -386,40 +327,40 @@ class MergeStats:
     nonfinite: list[str] = field(default_factory=list)
 
 
-def _merge(adapter_dir, output, data, out_dtype, base, requantize, verify, max_shard_bytes) -> dict[str, Any]:
+def _merge(folder: AdapterFolder, output, out_dtype, base, requantize, verify, max_shard_bytes) -> dict[str, Any]:
     from transformers import AutoConfig
 
     started = time.time()
     device = default_device()
-    recipe = BaseRecipe.from_adapter(data, device)
-    folder = source_folder(recipe.name_or_path)
-    config = AutoConfig.from_pretrained(folder)
-    dtype_name = str(out_dtype).removeprefix("torch.")
-    quantized = recipe.bits is not None
-    if base == "original" and quantized:
+    if not folder.base_name:
+        raise UserError(f"{folder.path}: its config names no base model; set base_model_name_or_path to the base model")
+    checkpoint = source_folder(folder.base_name)
+    config = AutoConfig.from_pretrained(checkpoint)
+    bits = folder.quantization.bits
+    if base == "original" and bits is not None:
         _warn(
-            f"merging into the original weights of {recipe.name_or_path}: this adds the {recipe.bits}-bit quantization "
+            f"merging into the original weights of {folder.base_name}: this adds the {bits}-bit quantization "
             "error the adapter never saw (the verification below measures it); --base dequantized avoids it"
         )
     _say(
-        f"merging {data['adapter']['type']} adapter ({len(data['layers'])} layers) into {recipe.name_or_path} "
-        f"[{base} base{f', {recipe.bits}-bit' if quantized else ''}] -> {output} ({dtype_name})"
+        f"merging {folder.config.type} adapter ({len(folder.layer_shapes)} layers) into {folder.base_name} "
+        f"[{base} base{f', {bits}-bit' if bits is not None else ''}] -> {output} ({dtype_name(out_dtype)})"
     )
-    adapter = SavedAdapter(adapter_dir, data, recipe.frozen_dtype)
     report: dict[str, Any] = {
-        "adapter": str(adapter_dir),
-        "adapter_type": data["adapter"]["type"],
-        "base_model": recipe.name_or_path,
+        "adapter": str(folder.path),
+        "adapter_format": folder.format,
+        "adapter_type": folder.config.type,
+        "base_model": folder.base_name,
         "base": base,
-        "quantization_bits": recipe.bits,
-        "dtype": dtype_name,
+        "quantization_bits": bits,
+        "dtype": dtype_name(out_dtype),
         "requantize": requantize,
     }
     with atomic_dir(output) as tmp:
         staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.merged-", dir=output.parent)) if requantize != "none" else tmp
         try:
-            stats, untied = _write_merged_weights(folder, config, recipe, adapter, base, out_dtype, staging, max_shard_bytes, device)
-            _write_model_files(folder, config, out_dtype, staging, untied)
+            stats, untied = _write_merged_weights(checkpoint, config, folder, base, out_dtype, staging, max_shard_bytes, device)
+            _write_model_files(checkpoint, config, out_dtype, staging, untied)
             if stats.nonfinite:
                 raise VerificationFailed(
                     f"merged weights hold non-finite values ({', '.join(stats.nonfinite[:3])}); "
@@ -433,72 +374,31 @@ def _merge(adapter_dir, output, data, out_dtype, base, requantize, verify, max_s
                 shutil.rmtree(staging, ignore_errors=True)
         report["files"] = sorted(p.name for p in tmp.iterdir())
         if verify:
-            strict = requantize == "none" and (base == "dequantized" or not quantized)
-            report["verification"] = verify_merged(adapter_dir, tmp, recipe, out_dtype, requantize, strict, device)
+            strict = requantize == "none" and (base == "dequantized" or bits is None)
+            report["verification"] = verify_merged(folder, tmp, out_dtype, requantize, strict, device)
         report["seconds"] = round(time.time() - started, 2)
         write_json_atomic(tmp / "lrft_merge.json", report)
     _say(f"wrote {output} in {report['seconds']:.1f} s")
     return report
 
 
-def _write_merged_weights(folder, config, recipe, adapter, base, out_dtype, out_folder, max_shard_bytes, device):
+def _write_merged_weights(checkpoint, config, folder: AdapterFolder, base, out_dtype, out_folder, max_shard_bytes, device):
     """Stream every checkpoint tensor into the output shards, adding ΔW to the adapted weights.
 
     Returns the statistics and whether the output head had to be untied from the input embeddings.
     """
     from safetensors import safe_open
 
-    quantized, skeleton = quantized_linears(config, recipe)
-    adapted = {f"{name}.weight": name for name in adapter.shapes}
-    # A tied output head has no tensor of its own in most checkpoints; if it is adapted, it becomes
-    # input embeddings + ΔW and the output config unties it.
-    output_embeddings = skeleton.get_output_embeddings()
-    input_embeddings = skeleton.get_input_embeddings()
-    module_names = {id(m): n for n, m in skeleton.named_modules()}
-    head_name = module_names.get(id(output_embeddings)) if output_embeddings is not None else None
-    embed_key = f"{module_names.get(id(input_embeddings))}.weight" if input_embeddings is not None else None
-    tied_head = bool(getattr(config, "tie_word_embeddings", False)) and head_name is not None
-
-    shards = checkpoint_shards(folder)
-    keys_in_checkpoint: set[str] = set()
-    for shard in shards:
-        with safe_open(str(shard), framework="pt") as handle:
-            keys_in_checkpoint.update(handle.keys())
-    # an adapted head differs from the embeddings, so the output must not tie them back together
-    untie = tied_head and head_name in adapter.shapes
-    head_from_embeddings = untie and f"{head_name}.weight" not in keys_in_checkpoint
-    missing = [
-        key for key in adapted if key not in keys_in_checkpoint and not (head_from_embeddings and key == f"{head_name}.weight")
-    ]
-    if missing:
-        raise UserError(
-            f"the checkpoint in {folder} has no tensor {missing[0]} for adapted layer {adapted[missing[0]]}; "
-            "merge needs checkpoint tensor names that match the model's module names"
-        )
-
+    quantized, skeleton = quantized_linears(config, folder)
+    shards = checkpoint_shards(checkpoint)
+    head = _HeadPlan.of(config, skeleton, folder, shards, checkpoint)
     writer = ShardWriter(out_folder, max_shard_bytes)
     stats = MergeStats()
 
     def emit(key: str, file_tensor: Tensor) -> None:
-        module_name = key.removesuffix(".weight")
-        is_weight = key.endswith(".weight")
-        is_adapted = is_weight and module_name in adapter.shapes
-        stand_in = None
-        if base == "dequantized" or is_adapted:
-            # what the trained model held: the load dtype, quantized and dequantized where bnb quantized it
-            trained = file_tensor.to(device=device, dtype=recipe.load_dtype)
-            if is_weight and module_name in quantized:
-                stand_in = quantized_stand_in(trained, quantized[module_name], device)
-            elif is_adapted:
-                stand_in = plain_stand_in(trained)
-        if base == "dequantized":
-            weight = dequantized_weight(stand_in, torch.float32) if stand_in is not None else trained.float()
-        else:
-            weight = file_tensor.to(device=device, dtype=torch.float32)
-        if is_adapted:
-            delta = adapter.delta_weight(module_name, stand_in)
-            weight = weight + delta
-            stats.merged_layers.append(module_name)
+        weight, adapted = merged_tensor(key, file_tensor, folder, base, quantized, device)
+        if adapted:
+            stats.merged_layers.append(key.removesuffix(".weight"))
         result = weight.to(out_dtype)
         # NaN and inf survive a float64 sum, which is cheaper than an elementwise isfinite mask
         if not math.isfinite(float(result.sum(dtype=torch.float64))):
@@ -514,12 +414,72 @@ def _write_merged_weights(folder, config, recipe, adapter, base, out_dtype, out_
                     writer.add(key, tensor)  # integer buffers (rare) are not weights
                     continue
                 emit(key, tensor)
-                if head_from_embeddings and key == embed_key:
-                    emit(f"{head_name}.weight", tensor)
+                if head.from_embeddings and key == head.embed_key:
+                    emit(head.key, tensor)
                 del tensor
     writer.finish()
     gc.collect()
-    return stats, untie
+    return stats, head.untie
+
+
+def merged_tensor(key: str, file_tensor: Tensor, folder: AdapterFolder, base: str, quantized: dict, device) -> tuple[Tensor, bool]:
+    """One checkpoint tensor as the merged model holds it (float32), and whether ΔW was added to it."""
+    module_name = key.removesuffix(".weight")
+    is_weight = key.endswith(".weight")
+    is_adapted = is_weight and module_name in folder.layer_shapes
+    stand_in = None
+    if base == "dequantized" or is_adapted:
+        # what the trained model held: the load dtype, quantized and dequantized where bnb quantized it
+        trained = file_tensor.to(device=device, dtype=folder.dtypes.load)
+        if is_weight and module_name in quantized:
+            stand_in = quantized_stand_in(trained, quantized[module_name], device)
+        elif is_adapted:
+            stand_in = plain_stand_in(trained)
+    if base == "dequantized":
+        weight = dequantized_weight(stand_in, torch.float32) if stand_in is not None else trained.float()
+    else:
+        weight = file_tensor.to(device=device, dtype=torch.float32)
+    if is_adapted:
+        weight = weight + delta_weight(folder, module_name, stand_in)
+    return weight, is_adapted
+
+
+@dataclass
+class _HeadPlan:
+    """A tied output head has no tensor of its own in most checkpoints; if it is adapted, it becomes input
+    embeddings + ΔW (emitted under ``key`` when ``from_embeddings``) and the output config unties it."""
+
+    untie: bool
+    from_embeddings: bool
+    key: Optional[str]
+    embed_key: Optional[str]
+
+    @classmethod
+    def of(cls, config, skeleton, folder: AdapterFolder, shards, checkpoint) -> "_HeadPlan":
+        from safetensors import safe_open
+
+        output_embeddings = skeleton.get_output_embeddings()
+        input_embeddings = skeleton.get_input_embeddings()
+        module_names = {id(m): n for n, m in skeleton.named_modules()}
+        head_name = module_names.get(id(output_embeddings)) if output_embeddings is not None else None
+        embed_key = f"{module_names.get(id(input_embeddings))}.weight" if input_embeddings is not None else None
+        tied_head = bool(getattr(config, "tie_word_embeddings", False)) and head_name is not None
+        keys_in_checkpoint: set[str] = set()
+        for shard in shards:
+            with safe_open(str(shard), framework="pt") as handle:
+                keys_in_checkpoint.update(handle.keys())
+        # an adapted head differs from the embeddings, so the output must not tie them back together
+        untie = tied_head and head_name in folder.layer_shapes
+        head_key = f"{head_name}.weight" if head_name else None
+        from_embeddings = untie and head_key not in keys_in_checkpoint
+        adapted = {f"{name}.weight": name for name in folder.layer_shapes}
+        missing = [key for key in adapted if key not in keys_in_checkpoint and not (from_embeddings and key == head_key)]
+        if missing:
+            raise UserError(
+                f"the checkpoint in {checkpoint} has no tensor {missing[0]} for adapted layer {adapted[missing[0]]}; "
+                "merge needs checkpoint tensor names that match the model's module names"
+            )
+        return cls(untie, from_embeddings, head_key, embed_key)
 
 
 def _write_model_files(folder: Path, config, out_dtype: torch.dtype, out_folder: Path, untied: bool) -> None:
@@ -587,8 +547,8 @@ def compare_logits(reference: list[Tensor], merged: list[Tensor]) -> dict[str, f
     return {"max_abs_logit_diff": max_abs, "max_abs_logit": scale, "mean_kl": kl_sum / max(positions, 1)}
 
 
-def _reference_tolerance(recipe: BaseRecipe, out_dtype: torch.dtype) -> tuple[str, tuple[float, float]]:
-    dtypes = {str(out_dtype).removeprefix("torch."), str(recipe.compute_dtype).removeprefix("torch.")}
+def _reference_tolerance(folder: AdapterFolder, out_dtype: torch.dtype) -> tuple[str, tuple[float, float]]:
+    dtypes = {dtype_name(out_dtype), dtype_name(folder.dtypes.compute)}
     key = next(k for k in ("bfloat16", "float16", "float32") if k in dtypes)
     return key, TOLERANCES[key]
 
@@ -622,9 +582,8 @@ def _verdict(figures: dict[str, float]) -> str:
 
 
 def verify_merged(
-    adapter_dir: Path,
+    folder: AdapterFolder,
     merged_dir: Path,
-    recipe: BaseRecipe,
     out_dtype: torch.dtype,
     requantize: str,
     strict: bool,
@@ -640,12 +599,11 @@ def verify_merged(
     """
     from transformers import AutoModelForCausalLM
 
-    from .inject import load_model_with_adapter
-
-    reference_model, tokenizer, _, _ = load_model_with_adapter(adapter_dir, device=device)
+    reference_model, _ = folder.load_model(device)
+    tokenizer = load_tokenizer(folder.base_name)
     prompts = _prompt_ids(tokenizer)
     as_run = _logits(reference_model, prompts, device)
-    quantized = dequantize_linears(reference_model, recipe.compute_dtype)
+    quantized = dequantize_linears(reference_model, folder.dtypes.compute)
     reference = _logits(reference_model, prompts, device) if quantized else as_run
     del reference_model
     gc.collect()
@@ -658,7 +616,7 @@ def verify_merged(
 
     figures: dict[str, Any] = compare_logits(reference, merged)
     finite = all(bool(torch.isfinite(m).all()) for m in merged)
-    key, (rel_tol, kl_tol) = _reference_tolerance(recipe, out_dtype)
+    key, (rel_tol, kl_tol) = _reference_tolerance(folder, out_dtype)
     abs_tol = rel_tol * max(1.0, figures["max_abs_logit"])
     within = finite and figures["max_abs_logit_diff"] <= abs_tol and figures["mean_kl"] <= kl_tol
     figures.update(
@@ -669,7 +627,7 @@ def verify_merged(
         figures["as_run"] = compare_logits(as_run, merged)
     _say(f"verification ({len(prompts)} prompts, logits up to {figures['max_abs_logit']:.3g}): merged vs base + adapter: {_verdict(figures)}")
     if quantized:
-        _say(f"  (vs base + adapter through bitsandbytes' {recipe.bits}-bit kernels: {_verdict(figures['as_run'])})")
+        _say(f"  (vs base + adapter through bitsandbytes' {folder.quantization.bits}-bit kernels: {_verdict(figures['as_run'])})")
     if not finite:
         raise VerificationFailed("the merged model produces non-finite logits; merge in --dtype float32 or bfloat16")
     if strict and not within:
@@ -684,206 +642,3 @@ def verify_merged(
     else:
         _say(f"verification passed ({key} tolerance: max |Δlogit| <= {abs_tol:.3g}, mean KL <= {kl_tol:.3g})")
     return figures
-
-
-# --- PEFT export --------------------------------------------------------------------------------------
-#
-# PEFT keys a layer's tensors ``base_model.model.<module name>.<tensor>`` (adapter name left out). Each
-# exporter maps one lrft type onto a PEFT type exactly: PeftModel.from_pretrained on the same base must
-# reproduce lrft's outputs (tests/test_merge.py checks each against peft).
-
-PeftExporter = Callable[[SavedAdapter, dict[str, Any]], tuple[dict[str, Any], dict[str, Tensor]]]
-
-
-def _peft_key(module_name: str, tensor: str) -> str:
-    return f"base_model.model.{module_name}.{tensor}"
-
-
-def _peft_common(adapter: SavedAdapter, data: dict[str, Any], peft_type: str) -> dict[str, Any]:
-    base = data.get("base_model", {}).get("name_or_path")
-    try:
-        base_path = resolve_model_path(base) if base else None
-    except UserError:
-        base_path = base
-    return {
-        "peft_type": peft_type,
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_path,
-        "inference_mode": True,
-        # full module names: PEFT matches a list entry against a module name or its dotted suffix
-        "target_modules": sorted(adapter.shapes),
-        "modules_to_save": None,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "revision": None,
-    }
-
-
-def _lora_to_peft(adapter: SavedAdapter, data: dict[str, Any]):
-    """LoRA: ΔW = (alpha / r) B A is PEFT's LoRA with lora_alpha = alpha. RM-LoRA exports the same way:
-    its direction masks and regulariser act only during training; its ΔW is LoRA's."""
-    config = adapter.config
-    peft_config = _peft_common(adapter, data, "LORA")
-    peft_config.update(
-        {
-            "r": config.r,
-            "lora_alpha": config.scaling * config.r,
-            "lora_dropout": config.dropout,
-            "use_rslora": False,
-            "use_dora": False,
-            "init_lora_weights": True,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-        }
-    )
-    tensors = {}
-    for name, own in adapter.state.items():
-        tensors[_peft_key(name, "lora_A.weight")] = own["lora_A"].float()
-        tensors[_peft_key(name, "lora_B.weight")] = own["lora_B"].float()
-    return peft_config, tensors
-
-
-def _dora_to_peft(adapter: SavedAdapter, data: dict[str, Any]):
-    """DoRA: PEFT's LoRA with use_dora; both rescale each output row of W + (alpha / r) B A to the learned
-    magnitude m (``lora_magnitude_vector``), with the row norm detached."""
-    peft_config, tensors = _lora_to_peft(adapter, data)
-    peft_config["use_dora"] = True
-    for name, own in adapter.state.items():
-        tensors[_peft_key(name, "lora_magnitude_vector")] = own["magnitude"].float()
-    return peft_config, tensors
-
-
-def _vera_to_peft(adapter: SavedAdapter, data: dict[str, Any]):
-    """VeRA: same model-wide bases (r × largest in, largest out × r, sliced per layer) and vectors b, d;
-    the bases are saved (``save_projection``) because PEFT would draw others from its own PRNG."""
-    config = adapter.config
-    peft_config = _peft_common(adapter, data, "VERA")
-    peft_config.update(
-        {
-            "r": config.r,
-            "vera_dropout": config.dropout,
-            "d_initial": getattr(config, "d_initial", 0.1),
-            "save_projection": True,
-            "projection_prng_key": config.seed,
-            "init_weights": True,
-        }
-    )
-    layer = adapter.layer(next(iter(adapter.shapes)))
-    tensors = {"base_model.vera_A": layer.shared_A.float().clone(), "base_model.vera_B": layer.shared_B.float().clone()}
-    for name, own in adapter.state.items():
-        tensors[_peft_key(name, "vera_lambda_b")] = own["lambda_b"].float()
-        tensors[_peft_key(name, "vera_lambda_d")] = own["lambda_d"].float()
-    return peft_config, tensors
-
-
-def _adalora_to_peft(adapter: SavedAdapter, data: dict[str, Any]):
-    """AdaLoRA: lrft's P, Λ, Q are PEFT's lora_B, lora_E, lora_A. PEFT scales by lora_alpha / (r + 1e-5)
-    where lrft scales by alpha / r, so lora_alpha absorbs the difference. Pruned ranks stay in place with
-    Λ = 0 (no rank_pattern), which computes the same ΔW."""
-    config = adapter.config
-    peft_config = _peft_common(adapter, data, "ADALORA")
-    peft_config.update(
-        {
-            "init_r": config.r,
-            "target_r": getattr(config, "target_rank", config.r),
-            "lora_alpha": config.scaling * (config.r + 1e-5),
-            "lora_dropout": config.dropout,
-            "init_lora_weights": True,
-            "rank_pattern": None,
-            # the budget schedule only matters for training; PEFT insists on a consistent one
-            "tinit": 0,
-            "tfinal": 0,
-            "deltaT": 1,
-            "total_step": 1,
-            "orth_reg_weight": getattr(config, "orth_reg", 0.0),
-        }
-    )
-    tensors = {}
-    for name, own in adapter.state.items():
-        singular_values = own["lora_lambda"].float() * own["rank_mask"].float()
-        tensors[_peft_key(name, "lora_A")] = own["lora_Q"].float()
-        tensors[_peft_key(name, "lora_B")] = own["lora_P"].float()
-        tensors[_peft_key(name, "lora_E")] = singular_values.unsqueeze(1)
-    return peft_config, tensors
-
-
-def _randlora_to_peft(adapter: SavedAdapter, data: dict[str, Any]):
-    """RandLoRA with the bases saved (``save_projection``), since PEFT draws its own from another PRNG.
-
-    PEFT keeps ONE pair of bases for the whole model and slices it per layer, while lrft draws
-    independent bases per layer shape, so only adapters whose layers all have one shape map exactly.
-    PEFT stacks the n·r scaled rows of A rank-major (row i·n + j is term j, rank i) but B's columns
-    term-major (column j·r + i): B's columns are permuted so that each pairs with the same term.
-    """
-    shapes = sorted(set(adapter.shapes.values()))
-    if len(shapes) > 1:
-        listed = ", ".join(f"{i}->{o}" for i, o in shapes)
-        raise UserError(
-            f"PEFT's RandLoRA slices one pair of random bases for every layer, but lrft draws separate bases per "
-            f"layer shape and this adapter has several ({listed}); merge it into a full model with --format hf instead"
-        )
-    config = adapter.config
-    peft_config = _peft_common(adapter, data, "RANDLORA")
-    peft_config.update(
-        {
-            "r": config.r,
-            "randlora_alpha": config.scaling * config.r,
-            "randlora_dropout": config.dropout,
-            "save_projection": True,
-            "projection_prng_key": config.seed,
-            "sparse": False,
-            "very_sparse": False,
-            "init_weights": True,
-        }
-    )
-    tensors = {}
-    for name in adapter.shapes:
-        layer = adapter.layer(name)
-        bases = layer.bases
-        rank, terms = layer.basis_rank, layer.num_terms
-        basis_a = bases.dense_A().float()  # (r, d)
-        basis_b = bases.dense_B().float()  # (D, n·r), column j·r + i
-        rank_major = torch.arange(terms * rank)
-        term, rank_index = rank_major % terms, rank_major // terms
-        tensors[_peft_key(name, "randlora_lambda")] = layer.lambdas.detach().float().T.contiguous()  # (r, n)
-        tensors[_peft_key(name, "randlora_gamma")] = layer.gammas.detach().float()  # (n, d)
-        # PEFT saves its one shared pair under every layer's name; safetensors wants separate storage
-        tensors[_peft_key(name, "randlora_A")] = basis_a.unsqueeze(1).clone()  # (r, 1, d)
-        permuted = basis_b[:, term * rank + rank_index]  # column k pairs with A's row k = i·n + j
-        tensors[_peft_key(name, "randlora_B")] = permuted.reshape(basis_b.shape[0], terms, rank).clone()
-    return peft_config, tensors
-
-
-# adapter type -> exporter. Add a type once its lrft parameterisation maps exactly onto PEFT's.
-PEFT_EXPORTERS: dict[str, PeftExporter] = {
-    "lora": _lora_to_peft,
-    "rmlora": _lora_to_peft,
-    "dora": _dora_to_peft,
-    "vera": _vera_to_peft,
-    "adalora": _adalora_to_peft,
-    "randlora": _randlora_to_peft,
-}
-
-# adapter types PEFT has no counterpart for, with the reason
-PEFT_UNSUPPORTED = {
-    "lora2": "PEFT has no LoRA² (two LoRA blocks on orthogonal planes)",
-    "nola": "PEFT has no NoLA (A and B as mixtures of random bases)",
-}
-
-
-def export_peft(adapter_dir: Path, output: Path, data: dict[str, Any]) -> dict[str, Any]:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's format."""
-    kind = data["adapter"]["type"]
-    exporter = PEFT_EXPORTERS.get(kind)
-    if exporter is None:
-        why = PEFT_UNSUPPORTED.get(kind, f"lrft cannot express a {kind} adapter in PEFT's format")
-        raise UserError(f"{why}; merge it into a full model with --format hf instead")
-    recipe = BaseRecipe.from_adapter(data, default_device())
-    adapter = SavedAdapter(adapter_dir, data, recipe.frozen_dtype)
-    with torch.no_grad():
-        peft_config, tensors = exporter(adapter, data)
-    with atomic_dir(output) as tmp:
-        save_tensors_atomic(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
-        write_json_atomic(tmp / "adapter_config.json", peft_config)
-    _say(f"wrote {kind} adapter in PEFT format ({len(adapter.shapes)} layers, {len(tensors)} tensors) to {output}")
-    return {"format": "peft", "adapter_type": kind, "peft_type": peft_config["peft_type"], "tensors": len(tensors)}

@@ -13,6 +13,7 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -62,6 +63,35 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class Dtypes:
+    """What a run's dtypes resolved to: ``load`` (the base's unquantized weights), ``compute`` (what 4-bit
+    layers compute in; the load dtype otherwise) and ``frozen`` (where adapters keep frozen random tensors:
+    the dtype the base computes in). Adapter folders record them, so that a reload on another machine,
+    where "auto" would resolve differently, rebuilds the same random bases."""
+
+    load: torch.dtype
+    compute: torch.dtype
+    frozen: torch.dtype
+
+    @classmethod
+    def resolve(cls, model: "ModelSection", quant: "QuantizationSection", device: torch.device) -> "Dtypes":
+        load = resolve_dtype(model.dtype, device)
+        compute = resolve_dtype(quant.compute_dtype, device) if quant.bits == 4 else load
+        return cls(load, compute, compute)
+
+    def as_json(self) -> dict[str, str]:
+        return {"load": dtype_name(self.load), "compute": dtype_name(self.compute), "frozen": dtype_name(self.frozen)}
+
+    @classmethod
+    def from_json(cls, record: dict) -> "Dtypes":
+        return cls(DTYPES[record["load"]], DTYPES[record["compute"]], DTYPES[record["frozen"]])
 
 
 # --- where the weights come from ------------------------------------------------------------------
@@ -214,12 +244,11 @@ def load_base_model(
     from transformers import AutoModelForCausalLM
 
     device = device or default_device()
-    dtype = resolve_dtype(model.dtype, device)
-    compute_dtype = resolve_dtype(quant.compute_dtype, device) if quant.bits == 4 else dtype
+    dtypes = Dtypes.resolve(model, quant, device)
     check_bitsandbytes(quant.bits)
     resolved = resolve_model_path(model.name_or_path)
-    kwargs = dict(dtype=dtype, device_map={"": device}, low_cpu_mem_usage=True)
-    q = bnb_config(quant, compute_dtype)
+    kwargs = dict(dtype=dtypes.load, device_map={"": device}, low_cpu_mem_usage=True)
+    q = bnb_config(quant, dtypes.compute)
     if q is not None:
         kwargs["quantization_config"] = q
     try:
@@ -262,18 +291,6 @@ def build_meta_model(name_or_path: str):
     return lm
 
 
-def frozen_dtype_of(lm: nn.Module, quant: "QuantizationSection") -> torch.dtype:
-    """The dtype the base computes in: where frozen adapter tensors (random bases) are stored."""
-    if quant.bits == 4:
-        for module in lm.modules():
-            if type(module).__name__ == "Linear4bit":
-                return module.compute_dtype or torch.float32
-    for p in lm.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
 def is_linear(module: nn.Module) -> bool:
     """Plain or bitsandbytes linear layers: the modules adapters can wrap."""
     return isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
@@ -313,13 +330,3 @@ def dequantized_weight(base: nn.Module, dtype: torch.dtype = torch.float32) -> T
         scb = weight.SCB if getattr(weight, "SCB", None) is not None else base.state.SCB
         return (weight.data.float() * scb.float().unsqueeze(1) / 127.0).to(dtype)
     return weight.detach().to(dtype)
-
-
-def model_summary(lm: nn.Module) -> dict:
-    config = lm.config
-    return {
-        "architecture": (getattr(config, "architectures", None) or [type(lm).__name__])[0],
-        "hidden_size": getattr(config, "hidden_size", None),
-        "num_layers": getattr(config, "num_hidden_layers", None),
-        "vocab_size": getattr(config, "vocab_size", None),
-    }

@@ -75,7 +75,6 @@ class TrainingSection(Section):
     save_steps: Optional[int] = Field(None, gt=0)
     save_total_limit: int = Field(2, ge=1)
     skip_nonfinite: bool = False
-    num_workers: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _batch_divides(self):
@@ -107,10 +106,9 @@ class Recipe(Section):
     def resolved(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def section_hash(self, *sections: str) -> str:
-        data = self.resolved()
-        blob = json.dumps({k: data.get(k) for k in sections} if sections else data, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    def section_hash(self) -> str:
+        """A short hash of the resolved recipe (run.json's recipe_hash)."""
+        return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --- loading and error reporting ----------------------------------------------------------------

@@ -1,5 +1,4 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +82,35 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(folder)
     load_tokenizer("smollm2-135m-instruct").save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A random 2-layer Llama with the embedded SmolLM2 tokenizer (hence its vocabulary size), its output
+    head scaled up (random init gives logits near zero; larger ones make differences visible)."""
+    from transformers import LlamaForCausalLM
+
+    from lrft.model import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_base")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=49152, max_position_embeddings=256))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    model.save_pretrained(folder)
+    load_tokenizer("smollm2-135m-instruct").save_pretrained(folder)
+    return folder
+
+
+def lrft_main(args, capfd):
+    """(exit code, stderr) of ``lrft ARGS`` run through the CLI's ``main`` in this process (no new Python)."""
+    from lrft.cli import main
+
+    capfd.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    return code, capfd.readouterr().err
+

@@ -2,59 +2,25 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from adapter_reference import (
-    check_delta_weight,
-    check_forward,
-    check_forward_uses_delta_weight,
-    check_gradients,
-    randomize_trainables,
-)
+from adapter_reference import build_layer, naive_of
 from budget_reference import check_importance_against_naive, train_toy
-from conftest import make_linear
 from lrft.adapters import get_adapter
 from lrft.adapters.base import SharedTensors
 from lrft.adapters.budget import BudgetSchedule, allocate
 from lrft.errors import UserError
 
 
-def build(kind, in_f, out_f, **cfg):
-    spec = get_adapter("adalora")
-    config = spec.config(type="adalora", **cfg)
-    layer = spec.layer(make_linear(kind, in_f, out_f), config, SharedTensors(config.seed), "test")
-    randomize_trainables(layer)
-    return layer
-
-
-def naive(P, lam, Q, scaling):
-    """AdaLoRA eq. 3: ΔW = P Λ Q (times alpha / r)."""
-    return P.double() @ torch.diag(lam.double()) @ Q.double() * scaling
-
-
-@pytest.mark.parametrize("kind", ["none", "nf4", "fp4", "int8"])
 @pytest.mark.parametrize("shape", [(64, 128), (128, 64)])
-def test_adalora_matches_naive_reference(kind, shape):
-    layer = build(kind, *shape, r=4, alpha=8)
-    ref = lambda l: naive(l.lora_P, l.lora_lambda, l.lora_Q, l.scaling)  # noqa: E731
-    check_forward(layer, ref)
-    check_delta_weight(layer, ref)
-    check_forward_uses_delta_weight(layer)
-    check_gradients(layer, lambda p: naive(p["lora_P"], p["lora_lambda"], p["lora_Q"], layer.scaling))
+def test_adalora_factors_multiply_to_the_naive_delta(shape):
+    """factors() (inspect-rank's factored path) is B = P Λ · scaling, A = Q."""
+    layer = build_layer("adalora", "none", *shape, r=4, alpha=8)
     B, A = layer.factors()
-    torch.testing.assert_close((B @ A).double(), ref(layer), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close((B @ A).double(), naive_of(layer), atol=1e-5, rtol=1e-5)
 
 
-def test_adalora_parameter_count_matches_formula():
-    layer = build("none", 40, 24, r=5)
-    n = sum(p.numel() for n, p in layer.named_parameters() if p.requires_grad)
-    assert n == 5 * (40 + 24 + 1) == layer.num_trainable(40, 24, layer.config)
-
-
-def test_adalora_starts_at_zero_delta_with_gaussian_factors():
-    spec = get_adapter("adalora")
-    config = spec.config(type="adalora", r=4)
+def test_adalora_defaults_and_gaussian_init():
     torch.manual_seed(0)
-    layer = spec.layer(make_linear("none", 256, 128), config, SharedTensors(0), "t")
-    assert torch.count_nonzero(layer.delta_weight()) == 0
+    layer = build_layer("adalora", "none", 256, 128, randomize=False, r=4)
     assert layer.scaling == 2.0  # alpha defaults to 2r; scaling = alpha / r
     assert abs(layer.lora_P.std().item() - 0.02) < 0.003 and abs(layer.lora_Q.std().item() - 0.02) < 0.003
     assert layer.rank_mask.dtype == torch.bool and bool(layer.rank_mask.all())
@@ -69,7 +35,7 @@ def test_adalora_builds_on_meta_device():
 
 
 def test_adalora_orthogonal_regulariser_matches_naive():
-    layer = build("none", 12, 10, r=3, orth_reg=0.3)
+    layer = build_layer("adalora", "none", 12, 10, r=3, orth_reg=0.3)
     P = layer.lora_P.detach().double().requires_grad_(True)
     Q = layer.lora_Q.detach().double().requires_grad_(True)
     eye = torch.eye(3, dtype=torch.float64)
@@ -80,7 +46,7 @@ def test_adalora_orthogonal_regulariser_matches_naive():
     got.backward()
     torch.testing.assert_close(layer.lora_P.grad.double(), P.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(layer.lora_Q.grad.double(), Q.grad, rtol=1e-4, atol=1e-6)
-    assert build("none", 12, 10, r=3, orth_reg=0.0).extra_loss() is None
+    assert build_layer("adalora", "none", 12, 10, r=3, orth_reg=0.0).extra_loss() is None
 
 
 # --- the budget schedule (shared with LoRA²) -----------------------------------------------------
@@ -163,7 +129,7 @@ def test_adalora_prunes_to_target_budget_in_training_loop():
         assert torch.equal(layer.rank_mask, frozen[name])  # the final mask was held fixed
         assert torch.all(layer.lora_lambda[~layer.rank_mask] == 0)  # pruned entries are exactly zero
         assert torch.count_nonzero(layer.lora_lambda[layer.rank_mask]) == ranks[name]
-        ref = naive(layer.lora_P, layer.lora_lambda, layer.lora_Q, layer.scaling)
+        ref = naive_of(layer)
         torch.testing.assert_close(layer.delta_weight().double(), ref, atol=1e-6, rtol=1e-5)
         assert torch.linalg.matrix_rank(layer.delta_weight()).item() <= ranks[name]
     assert set(controller.state_dict()) == set(layers)
@@ -173,7 +139,8 @@ def test_adalora_saved_adapter_holds_final_ranks(tmp_path, tiny_model):
     from transformers import LlamaForCausalLM
 
     from conftest import tiny_llama_config
-    from lrft.inject import attach_adapter, inject_adapters, read_adapter_config, save_adapter
+    from lrft.adapter_folder import AdapterFolder, save_adapter
+    from lrft.inject import inject_adapters
 
     config = get_adapter("adalora").config(type="adalora", r=4, target_r=2, target_modules=["q_proj", "v_proj"])
     layers = inject_adapters(tiny_model, config)
@@ -189,11 +156,11 @@ def test_adalora_saved_adapter_holds_final_ranks(tmp_path, tiny_model):
         optimizer.zero_grad()
     summary = controller.summary()
     assert sum(summary["ranks"].values()) == 2 * len(layers)
-    save_adapter(tmp_path, layers, config, {"base_model": {}}, extra={"summary": summary})
-    assert read_adapter_config(tmp_path)["summary"]["ranks"] == summary["ranks"]
+    save_adapter(tmp_path, layers, config, {"base_model": {}, "dtypes": {"load": "float32", "compute": "float32", "frozen": "float32"}}, extra={"summary": summary})
+    assert AdapterFolder.read(tmp_path).record["summary"]["ranks"] == summary["ranks"]
     torch.manual_seed(0)
     fresh = LlamaForCausalLM(tiny_llama_config()).eval()
-    loaded = attach_adapter(fresh, tmp_path)
+    loaded = AdapterFolder.read(tmp_path).attach(fresh)
     for name, layer in layers.items():
         assert loaded[name].active_rank() == summary["ranks"][name]
         torch.testing.assert_close(loaded[name].delta_weight(), layer.delta_weight())

@@ -1,52 +1,23 @@
 import pytest
 import torch
 
-from adapter_reference import (
-    check_delta_weight,
-    check_forward,
-    check_forward_uses_delta_weight,
-    check_gradients,
-    randomize_trainables,
-)
+from adapter_reference import build_layer, naive_of, randomize_trainables
 from budget_reference import check_importance_against_naive, train_toy
 from conftest import make_linear
 from lrft.adapters import get_adapter
 from lrft.adapters.base import SharedTensors
 
 
-def build(kind, in_f, out_f, **cfg):
-    spec = get_adapter("lora2")
-    config = spec.config(type="lora2", **cfg)
-    layer = spec.layer(make_linear(kind, in_f, out_f), config, SharedTensors(config.seed), "test")
+def build(in_f, out_f, **options):
+    """A LoRA² layer on a plain base; trainables at scale 0.3, as ΔW multiplies five of them."""
+    layer = build_layer("lora2", "none", in_f, out_f, randomize=False, **options)
     randomize_trainables(layer, scale=0.3)
     return layer
 
 
-def naive(u, v, lam, U, V, scaling):
-    """LoRA² sec. 3.1: ΔW = P Λ Q with P = u v, Q = U V (times alpha / R)."""
-    P = u.double() @ v.double()
-    Q = U.double() @ V.double()
-    return P @ torch.diag(lam.double()) @ Q * scaling
-
-
-def naive_of(p, scaling):
-    return naive(p["lora_u"], p["lora_v"], p["lora_lambda"], p["lora_U"], p["lora_V"], scaling)
-
-
-@pytest.mark.parametrize("kind", ["none", "nf4", "fp4", "int8"])
-@pytest.mark.parametrize("shape", [(64, 128), (128, 64)])
-def test_lora2_matches_naive_reference(kind, shape):
-    layer = build(kind, *shape, r=6, k=3, alpha=12)
-    ref = lambda l: naive_of(dict(l.named_parameters()), l.scaling)  # noqa: E731
-    check_forward(layer, ref)
-    check_delta_weight(layer, ref)
-    check_forward_uses_delta_weight(layer)
-    check_gradients(layer, lambda p: naive_of(p, layer.scaling))
-
-
 @pytest.mark.parametrize("k,r", [(2, 5), (5, 2)])
 def test_lora2_factors_multiply_to_delta_weight(k, r):
-    layer = build("none", 20, 12, r=r, k=k)
+    layer = build(20, 12, r=r, k=k)
     B, A = layer.factors()
     assert B.shape[1] == min(k, r)
     torch.testing.assert_close(B @ A, layer.delta_weight(), atol=1e-5, rtol=1e-5)
@@ -68,18 +39,12 @@ def test_lora2_forward_never_builds_a_dense_delta():
             return out
 
     in_f, out_f, rank = 20, 12, 4
-    layer = build("none", in_f, out_f, r=rank, k=2)
+    layer = build(in_f, out_f, r=rank, k=2)
     x = torch.randn(3, in_f)
     with RecordShapes() as recorder:
         layer.delta(x).sum().backward()
     dense = {(out_f, in_f), (in_f, out_f), (out_f, rank), (rank, out_f), (rank, in_f), (in_f, rank)}
     assert recorder.shapes and not (recorder.shapes & dense), recorder.shapes & dense
-
-
-def test_lora2_parameter_count_matches_formula():
-    layer = build("none", 40, 24, r=5, k=3)
-    n = sum(p.numel() for n, p in layer.named_parameters() if p.requires_grad)
-    assert n == 3 * (40 + 24) + 2 * 3 * 5 + 5 == layer.num_trainable(40, 24, layer.config)
 
 
 def test_lora2_parameter_count_reproduces_the_paper():
@@ -94,13 +59,12 @@ def test_lora2_parameter_count_reproduces_the_paper():
     assert round(12 * (4 * square + ffn) / 100) / 10 == 167.6
 
 
-def test_lora2_starts_at_zero_delta_with_defaults():
+def test_lora2_defaults_and_initialisation():
     spec = get_adapter("lora2")
     config = spec.config(type="lora2")
     assert (config.r, config.k, config.target_rank, config.orth_reg) == (8, 8, 5, 0.001)
     torch.manual_seed(0)
     layer = spec.layer(make_linear("none", 256, 128), config, SharedTensors(0), "t")
-    assert torch.count_nonzero(layer.delta_weight()) == 0
     assert layer.scaling == 2.0
     # each factor starts near its orthogonality regulariser's minimum: unit-norm rows of V and columns of u
     assert abs(layer.lora_V.norm(dim=1).mean().item() - 1) < 0.1 and abs(layer.lora_u.norm(dim=0).mean().item() - 1) < 0.1
@@ -115,7 +79,7 @@ def test_lora2_builds_on_meta_device():
 
 
 def test_lora2_orthogonal_regularisers_match_naive():
-    layer = build("none", 12, 10, r=4, k=3, orth_reg=0.2)
+    layer = build(12, 10, r=4, k=3, orth_reg=0.2)
     names = ("lora_u", "lora_v", "lora_U", "lora_V")
     ref = {n: getattr(layer, n).detach().double().requires_grad_(True) for n in names}
     u, v, U, V = (ref[n] for n in names)
@@ -151,6 +115,6 @@ def test_lora2_prunes_to_target_budget_in_training_loop():
     for name, layer in layers.items():
         assert torch.all(layer.lora_lambda[~layer.rank_mask] == 0)
         assert torch.count_nonzero(layer.lora_lambda[layer.rank_mask]) == ranks[name]
-        ref = naive_of(dict(layer.named_parameters()), layer.scaling)
+        ref = naive_of(layer)
         torch.testing.assert_close(layer.delta_weight().double(), ref, atol=1e-6, rtol=1e-5)
         assert torch.linalg.matrix_rank(layer.delta_weight()).item() <= min(ranks[name], 3)

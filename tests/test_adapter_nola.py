@@ -1,15 +1,8 @@
 import math
 
-import pytest
 import torch
 
-from adapter_reference import (
-    check_delta_weight,
-    check_forward,
-    check_forward_uses_delta_weight,
-    check_gradients,
-    randomize_trainables,
-)
+from adapter_reference import NAIVE, build_layer, check_gradients, naive_of, options_for
 from conftest import make_linear
 from lrft.adapters import get_adapter
 from lrft.adapters.base import SharedTensors
@@ -17,42 +10,18 @@ from lrft.adapters.base import SharedTensors
 SPEC = get_adapter("nola")
 
 
-def build(kind, in_f, out_f, shared=None, frozen_dtype=torch.float32, randomize=True, **cfg):
-    cfg.setdefault("r", 4)
-    cfg.setdefault("num_basis", 24)
-    config = SPEC.config(type="nola", **cfg)
-    shared = shared if shared is not None else SharedTensors(config.seed)
-    layer = SPEC.layer(make_linear(kind, in_f, out_f), config, shared, "test", frozen_dtype)
-    if randomize:
-        randomize_trainables(layer)
-    return layer
-
-
-def naive(layer, out_coefficients, in_coefficients):
-    """ΔW = scaling · (Σ_i α_i A_i)(Σ_j β_j B_j), A_i (out × r), B_j (r × in), float64 with explicit sums."""
-    out_bases, in_bases = (b.double() for b in layer.bases())
-    A = sum(out_coefficients[i].double() * out_bases[i] for i in range(layer.num_basis))
-    B = sum(in_coefficients[j].double() * in_bases[j] for j in range(layer.num_basis))
-    return layer.scaling * (A @ B)
-
-
-@pytest.mark.parametrize("kind", ["none", "nf4", "fp4", "int8"])
-@pytest.mark.parametrize("shape", [(64, 128), (128, 64)])
-def test_nola_matches_naive_reference(kind, shape):
-    layer = build(kind, *shape, alpha=8)
-    ref = lambda l: naive(l, l.out_coefficients, l.in_coefficients)  # noqa: E731
-    check_forward(layer, ref)
-    check_delta_weight(layer, ref)
-    check_forward_uses_delta_weight(layer)
-    check_gradients(layer, lambda p: naive(layer, p["out_coefficients"], p["in_coefficients"]))
+def build_sharing(shared, in_f, out_f):
+    """A NoLA layer (the contract's small options) drawing its bases from ``shared``."""
+    config = SPEC.config(type="nola", **options_for("nola"))
+    return SPEC.layer(make_linear("none", in_f, out_f), config, shared, "test")
 
 
 def test_layers_share_bases_by_width_and_never_save_them():
     shared = SharedTensors(0)
-    first = build("none", 64, 128, shared=shared)
-    same = build("none", 64, 128, shared=shared)
-    same_out = build("none", 96, 128, shared=shared)
-    other = build("none", 128, 64, shared=shared)
+    first = build_sharing(shared, 64, 128)
+    same = build_sharing(shared, 64, 128)
+    same_out = build_sharing(shared, 96, 128)
+    other = build_sharing(shared, 128, 64)
     assert same.bases()[0] is first.bases()[0] and same.bases()[1] is first.bases()[1]
     assert same_out.bases()[0] is first.bases()[0] and same_out.bases()[1] is not first.bases()[1]
     assert other.bases()[0] is not first.bases()[0]
@@ -64,22 +33,15 @@ def test_layers_share_bases_by_width_and_never_save_them():
         p.numel() * p.element_size() for p in trainable
     )
     # the same seed regenerates the same bases
-    again = build("none", 64, 128)
+    again = build_layer("nola", "none", 64, 128)
     assert torch.equal(again.bases()[0], first.bases()[0]) and torch.equal(again.bases()[1], first.bases()[1])
-
-
-def test_nola_parameter_count_matches_formula():
-    for in_f, out_f, k in [(40, 24, 5), (24, 40, 64)]:
-        layer = build("none", in_f, out_f, num_basis=k)
-        count = sum(p.numel() for n, p in layer.named_parameters() if p.requires_grad)
-        assert count == 2 * k == layer.num_trainable(in_f, out_f, layer.config)
 
 
 def test_documented_defaults_and_initialisation():
     config = SPEC.config(type="nola")
     assert config.num_basis == 512 and config.r == 16 and config.scaling == 4 / 16
     torch.manual_seed(0)
-    layer = build("none", 300, 64, randomize=False, num_basis=2000)
+    layer = build_layer("nola", "none", 300, 64, randomize=False, num_basis=2000)
     assert torch.count_nonzero(layer.out_coefficients) == 0
     assert torch.count_nonzero(layer.delta_weight()) == 0
     bound = math.sqrt(3 / 300)
@@ -95,10 +57,10 @@ def test_documented_defaults_and_initialisation():
 
 
 def test_bfloat16_bases_combine_in_float32_without_a_saved_copy():
-    layer = build("none", 64, 128, frozen_dtype=torch.bfloat16, num_basis=40)
+    layer = build_layer("nola", "none", 64, 128, frozen_dtype=torch.bfloat16, num_basis=40)
     out_bases, in_bases = layer.bases()
     assert out_bases.dtype == in_bases.dtype == torch.bfloat16
-    ref = naive(layer, layer.out_coefficients, layer.in_coefficients)  # exact upcast of the stored values
+    ref = naive_of(layer)  # exact upcast of the stored values
     torch.testing.assert_close(layer.delta_weight().double(), ref, atol=1e-6, rtol=1e-5)
     storages = {out_bases.untyped_storage().data_ptr(), in_bases.untyped_storage().data_ptr()}
     saved = []
@@ -113,7 +75,7 @@ def test_bfloat16_bases_combine_in_float32_without_a_saved_copy():
 def test_chunked_combination_matches_one_product(monkeypatch):
     import lrft.adapters.nola as nola
 
-    layer = build("none", 64, 128, frozen_dtype=torch.bfloat16, num_basis=40)
+    layer = build_layer("nola", "none", 64, 128, frozen_dtype=torch.bfloat16, num_basis=40)
     whole = layer.delta_weight()
     monkeypatch.setattr(nola, "_CHUNK_ELEMENTS", 600)  # several chunks per side
     coefficients = [layer.out_coefficients, layer.in_coefficients]
@@ -121,11 +83,11 @@ def test_chunked_combination_matches_one_product(monkeypatch):
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
     layer(torch.randn(3, 64)).pow(2).sum().backward()
     assert all(c.grad is not None for c in coefficients)
-    check_gradients(layer, lambda p: naive(layer, p["out_coefficients"], p["in_coefficients"]))
+    check_gradients(layer, lambda p: NAIVE["nola"](layer, p))
 
 
 def test_autocast_bfloat16():
-    layer = build("int8", 128, 64, frozen_dtype=torch.bfloat16)
+    layer = build_layer("nola", "int8", 128, 64, frozen_dtype=torch.bfloat16)
     x = torch.randn(2, 5, 128, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
@@ -133,26 +95,3 @@ def test_autocast_bfloat16():
     torch.testing.assert_close(out.float(), expected, atol=0.02 * expected.abs().max().item(), rtol=0)
     out.float().pow(2).sum().backward()
     assert layer.out_coefficients.grad.dtype == torch.float32 and layer.in_coefficients.grad.abs().sum() > 0
-
-
-def test_inject_and_reload_roundtrip(tiny_model):
-    from transformers import LlamaForCausalLM
-
-    from conftest import tiny_llama_config
-    from lrft.inject import adapter_state_dict, count_trainable, inject_adapters, load_adapter_state_dict
-
-    config = SPEC.config(type="nola", r=4, num_basis=16, seed=3)
-    layers = inject_adapters(tiny_model, config)
-    assert count_trainable(layers) == 2 * 16 * len(layers)
-    for layer in layers.values():
-        randomize_trainables(layer)
-    state = adapter_state_dict(layers)
-    x = torch.randn(1, 6, 64)
-    name, layer = next(iter(layers.items()))
-    before = layer(x)
-
-    torch.manual_seed(0)
-    fresh = LlamaForCausalLM(tiny_llama_config()).eval()
-    reloaded = inject_adapters(fresh, config)
-    load_adapter_state_dict(reloaded, state)
-    torch.testing.assert_close(reloaded[name](x), before)

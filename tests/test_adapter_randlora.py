@@ -4,13 +4,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from adapter_reference import (
-    check_delta_weight,
-    check_forward,
-    check_forward_uses_delta_weight,
-    check_gradients,
-    randomize_trainables,
-)
+from adapter_reference import NAIVE, build_layer, check_all, naive_of
 from conftest import make_linear
 from lrft.adapters import get_adapter
 from lrft.adapters.base import SharedTensors
@@ -20,48 +14,16 @@ from lrft.errors import UserError
 SPEC = get_adapter("randlora")
 
 
-def build(kind, in_f, out_f, shared=None, frozen_dtype=torch.float32, randomize=True, **cfg):
-    config = SPEC.config(type="randlora", **cfg)
-    shared = shared if shared is not None else SharedTensors(config.seed)
-    layer = SPEC.layer(make_linear(kind, in_f, out_f), config, shared, "test", frozen_dtype)
-    if randomize:
-        randomize_trainables(layer)
-    return layer
-
-
-def naive(layer, lambdas, gammas):
-    """ΔW = scaling · Σ_j B_j Λ_j A Γ_j (eq. 4) in float64 with explicit loops, transposed when in > out."""
-    A = layer.bases.dense_A().double()
-    B = layer.bases.dense_B().double()
-    r = layer.basis_rank
-    total = torch.zeros(B.shape[0], A.shape[1], dtype=torch.float64)
-    for j in range(layer.num_terms):
-        B_j = B[:, j * r : (j + 1) * r]
-        total = total + B_j @ torch.diag(lambdas[j].double()) @ A @ torch.diag(gammas[j].double())
-    total = total * layer.scaling
-    return total if layer.in_features <= layer.out_features else total.T
-
-
-def check_all(layer):
-    ref = lambda l: naive(l, l.lambdas, l.gammas)  # noqa: E731
-    check_forward(layer, ref)
-    check_delta_weight(layer, ref)
-    check_forward_uses_delta_weight(layer)
-    check_gradients(layer, lambda p: naive(layer, p["lambdas"], p["gammas"]))
-
-
-@pytest.mark.parametrize("kind", ["none", "nf4", "fp4", "int8"])
-@pytest.mark.parametrize("shape", [(64, 128), (128, 64)])
-def test_randlora_matches_naive_reference(kind, shape):
-    # r = 12 does not divide d = 64: n = 6 terms, n·r = 72 > d
-    check_all(build(kind, *shape, r=12, alpha=24))
+def build_sharing(shared, in_f, out_f, **options):
+    """A RandLoRA layer drawing its bases from ``shared`` (trainables left at their initial values)."""
+    return SPEC.layer(make_linear("none", in_f, out_f), SPEC.config(type="randlora", **options), shared, "test")
 
 
 @pytest.mark.parametrize("basis", ["uniform", "normal", "binary", "sparse"])
 @pytest.mark.parametrize("shape", [(48, 80), (80, 48)])
 def test_randlora_each_basis_matches_naive_reference(basis, shape):
     extra = {"sparsity": 4} if basis == "sparse" else {}
-    check_all(build("none", *shape, r=8, basis=basis, **extra))
+    check_all(build_layer("randlora", "none", *shape, r=8, basis=basis, **extra))
 
 
 @pytest.mark.parametrize("shape", [(16, 64), (64, 16)])
@@ -69,7 +31,7 @@ def test_sparse_rows_of_unequal_length_and_empty_rows(shape):
     """The gradient of M is taken row by row of A, padded to the longest row: rows of every length,
     an empty one included, give the reference forward and gradients."""
     for seed in range(200):
-        layer = build("none", *shape, r=8, basis="sparse", sparsity=8, seed=seed)
+        layer = build_layer("randlora", "none", *shape, r=8, basis="sparse", sparsity=8, seed=seed)
         row_lengths = torch.count_nonzero(layer.bases.dense_A(), dim=1)
         if row_lengths.min() == 0 and row_lengths.max() > 1:
             break
@@ -82,7 +44,7 @@ def test_sparse_rows_of_unequal_length_and_empty_rows(shape):
 @pytest.mark.parametrize("shape", [(64, 64), (64, 80), (80, 64)])
 def test_formed_weight_path_matches_reference(shape):
     """Many tokens on a near-square layer take the formed-ΔW path; forward and gradients stay exact."""
-    layer = build("none", *shape, r=8)
+    layer = build_layer("randlora", "none", *shape, r=8)
     tokens = 512
     assert forming_is_cheaper(tokens, max(shape), min(shape), layer.num_terms * 8, backward=True)
     x = torch.randn(tokens, shape[0], requires_grad=True)
@@ -90,7 +52,7 @@ def test_formed_weight_path_matches_reference(shape):
     lambdas = layer.lambdas.detach().double().requires_grad_(True)
     gammas = layer.gammas.detach().double().requires_grad_(True)
     x_ref = x.detach().double().requires_grad_(True)
-    ref = x_ref @ naive(layer, lambdas, gammas).T
+    ref = x_ref @ NAIVE["randlora"](layer, {"lambdas": lambdas, "gammas": gammas}).T
     torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
     weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     (out * weights.float()).sum().backward()
@@ -112,7 +74,7 @@ def test_cost_rule():
 def test_forward_saves_no_scaled_basis():
     """The autograd graph keeps x, Λ and Γ, never an n·r×d tensor (M) nor a D×d one (ΔW)."""
     for shape in [(96, 160), (160, 96)]:
-        layer = build("none", *shape, r=8)
+        layer = build_layer("randlora", "none", *shape, r=8)
         stacked_basis_size = layer.num_terms * layer.basis_rank * layer.small_features
         saved = []
 
@@ -127,15 +89,11 @@ def test_forward_saves_no_scaled_basis():
         assert saved and max(saved) < stacked_basis_size, saved
 
 
-def test_randlora_parameter_count_matches_formula():
-    for in_f, out_f, r in [(40, 24, 5), (24, 40, 5), (64, 64, 7), (100, 30, 30)]:
-        layer = build("none", in_f, out_f, r=r)
-        count = sum(p.numel() for n, p in layer.named_parameters() if p.requires_grad)
-        d = min(in_f, out_f)
-        assert count == math.ceil(d / r) * (r + d) == layer.num_trainable(in_f, out_f, layer.config)
-        state = layer.adapter_state_dict()
-        assert set(state) == {"lambdas", "gammas"}  # bases are regenerated from the seed, never saved
-        assert sum(v.numel() for v in state.values()) == count
+def test_state_holds_only_the_scalings():
+    layer = build_layer("randlora", "none", 40, 24, r=5)
+    state = layer.adapter_state_dict()
+    assert set(state) == {"lambdas", "gammas"}  # bases are regenerated from the seed, never saved
+    assert sum(v.numel() for v in state.values()) == sum(p.numel() for p in layer.parameters() if p.requires_grad)
 
 
 def test_llama3_8b_published_parameter_count():
@@ -161,20 +119,16 @@ def test_update_is_full_rank_unlike_lora(basis):
     """
     extra = {"sparsity": 3} if basis == "sparse" else {}
     for shape in [(40, 72), (72, 40)]:
-        layer = build("none", *shape, r=8, basis=basis, **extra)
-        delta = naive(layer, layer.lambdas, layer.gammas)
+        layer = build_layer("randlora", "none", *shape, r=8, basis=basis, **extra)
+        delta = naive_of(layer)
         torch.testing.assert_close(layer.delta_weight().double(), delta, atol=1e-5, rtol=1e-5)
         assert torch.linalg.matrix_rank(delta).item() == 40
-    lora = get_adapter("lora")
-    lora_layer = lora.layer(make_linear("none", 40, 72), lora.config(type="lora", r=8), SharedTensors(0), "t")
-    randomize_trainables(lora_layer)
-    lora_delta = lora_layer.lora_B.double() @ lora_layer.lora_A.double()
+    lora_delta = naive_of(build_layer("lora", "none", 40, 72, r=8))
     assert torch.linalg.matrix_rank(lora_delta).item() <= 8
 
 
-def test_starts_at_zero_with_documented_defaults():
-    layer = build("none", 48, 80, r=8, randomize=False)
-    assert torch.count_nonzero(layer.delta_weight()) == 0
+def test_documented_defaults():
+    layer = build_layer("randlora", "none", 48, 80, r=8, alpha=None, randomize=False)
     assert layer.scaling == 20.0  # default alpha = 20 r
     assert torch.all(layer.gammas == 1 / 48)
     # Λ gets a gradient on the first step (Γ ≠ 0), so training moves ΔW
@@ -185,42 +139,42 @@ def test_starts_at_zero_with_documented_defaults():
 @pytest.mark.parametrize("basis", ["uniform", "sparse"])
 def test_layers_of_equal_shape_share_one_basis(basis):
     shared = SharedTensors(0)
-    first = build("none", 48, 80, shared=shared, r=8, basis=basis)
-    second = build("none", 48, 80, shared=shared, r=8, basis=basis)
-    transposed = build("none", 80, 48, shared=shared, r=8, basis=basis)
+    first = build_sharing(shared, 48, 80, r=8, basis=basis)
+    second = build_sharing(shared, 48, 80, r=8, basis=basis)
+    transposed = build_sharing(shared, 80, 48, r=8, basis=basis)
     for other in (second, transposed):
         assert other.bases.B is first.bases.B
         if basis == "sparse":
             assert other.bases.A_tiled is first.bases.A_tiled and other.bases.B_t is first.bases.B_t
         else:
             assert other.bases.A is first.bases.A
-    wider = build("none", 48, 96, shared=shared, r=8, basis=basis)
+    wider = build_sharing(shared, 48, 96, r=8, basis=basis)
     assert wider.bases.B is not first.bases.B
     if basis == "uniform":  # same d and r: one A for every layer width
         assert wider.bases.A is first.bases.A
     # same seed in another SharedTensors: the same values (reloading regenerates them)
-    again = build("none", 48, 80, r=8, basis=basis)
+    again = build_layer("randlora", "none", 48, 80, r=8, basis=basis)
     assert torch.equal(again.bases.dense_B(), first.bases.dense_B())
 
 
 def test_bases_are_stored_in_frozen_dtype():
-    layer = build("none", 48, 80, frozen_dtype=torch.bfloat16, r=8)
+    layer = build_layer("randlora", "none", 48, 80, frozen_dtype=torch.bfloat16, r=8)
     assert layer.bases.A.dtype == layer.bases.B.dtype == torch.bfloat16
     assert layer.lambdas.dtype == layer.gammas.dtype == torch.float32
-    sparse = build("none", 48, 80, frozen_dtype=torch.bfloat16, r=8, basis="sparse", sparsity=4)
+    sparse = build_layer("randlora", "none", 48, 80, frozen_dtype=torch.bfloat16, r=8, basis="sparse", sparsity=4)
     assert sparse.bases.B.dtype == torch.bfloat16 and sparse.bases.B.layout == torch.sparse_csr
 
 
 def test_basis_distributions_are_unit_variance():
     for basis in ["uniform", "normal", "binary"]:
-        B = build("none", 128, 512, r=16, basis=basis).bases.B
+        B = build_layer("randlora", "none", 128, 512, r=16, basis=basis).bases.B
         assert abs(B.mean().item()) < 0.02 and abs(B.std().item() - 1) < 0.02, basis
-    assert set(build("none", 64, 128, r=8, basis="binary").bases.B.unique().tolist()) == {-1.0, 1.0}
+    assert set(build_layer("randlora", "none", 64, 128, r=8, basis="binary").bases.B.unique().tolist()) == {-1.0, 1.0}
 
 
 @pytest.mark.parametrize("sparsity", [3, 16])
 def test_sparse_basis_density_and_storage(sparsity):
-    layer = build("none", 256, 1024, r=16, basis="sparse", sparsity=sparsity)
+    layer = build_layer("randlora", "none", 256, 1024, r=16, basis="sparse", sparsity=sparsity)
     B = layer.bases.B
     assert B.layout == torch.sparse_csr and B.col_indices().dtype == torch.int32
     density = B.values().numel() / B.shape.numel()
@@ -233,7 +187,7 @@ def test_sparse_basis_density_and_storage(sparsity):
 
 
 def test_sparsity_defaults_to_sqrt_of_the_larger_dimension():
-    assert build("none", 64, 144, r=8, basis="sparse").sparsity == 12.0
+    assert build_layer("randlora", "none", 64, 144, r=8, basis="sparse").sparsity == 12.0
 
 
 def test_config_validation():
@@ -244,12 +198,12 @@ def test_config_validation():
     with pytest.raises(ValidationError):
         SPEC.config(type="randlora", basis="ternary")
     with pytest.raises(UserError, match="sparsity"):
-        build("none", 64, 144, r=8, basis="sparse", sparsity=13)  # sqrt(144) = 12
+        build_layer("randlora", "none", 64, 144, r=8, basis="sparse", sparsity=13)  # sqrt(144) = 12
 
 
 @pytest.mark.parametrize("basis", ["uniform", "sparse"])
 def test_autocast_bfloat16(basis):
-    layer = build("int8", 128, 64, frozen_dtype=torch.bfloat16, r=8, basis=basis)
+    layer = build_layer("randlora", "int8", 128, 64, frozen_dtype=torch.bfloat16, r=8, basis=basis)
     x = torch.randn(2, 5, 128, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
@@ -258,28 +212,3 @@ def test_autocast_bfloat16(basis):
     out.float().pow(2).sum().backward()
     assert x.grad.dtype == torch.float32 and layer.lambdas.grad.dtype == torch.float32
     assert layer.lambdas.grad.abs().sum() > 0 and layer.gammas.grad.abs().sum() > 0
-
-
-def test_inject_and_reload_roundtrip(tiny_model):
-    from lrft.inject import adapter_state_dict, count_trainable, inject_adapters, load_adapter_state_dict
-
-    config = SPEC.config(type="randlora", r=8, seed=3)
-    layers = inject_adapters(tiny_model, config)
-    expected = sum(SPEC.layer.num_trainable(l.in_features, l.out_features, config) for l in layers.values())
-    assert count_trainable(layers) == expected
-    for layer in layers.values():
-        randomize_trainables(layer)
-    state = adapter_state_dict(layers)
-    assert sum(v.numel() for v in state.values()) == expected
-    x = torch.randn(1, 6, 64)
-    name, layer = next(iter(layers.items()))
-    before = layer(x)
-
-    from transformers import LlamaForCausalLM
-    from conftest import tiny_llama_config
-
-    torch.manual_seed(0)
-    fresh = LlamaForCausalLM(tiny_llama_config()).eval()
-    reloaded = inject_adapters(fresh, config)
-    load_adapter_state_dict(reloaded, state)
-    torch.testing.assert_close(reloaded[name](x), before)

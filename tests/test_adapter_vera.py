@@ -4,13 +4,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from adapter_reference import (
-    check_delta_weight,
-    check_forward,
-    check_forward_uses_delta_weight,
-    check_gradients,
-    randomize_trainables,
-)
+from adapter_reference import check_all, naive_of, randomize_trainables
 from conftest import make_linear
 from lrft.adapters import get_adapter
 from lrft.adapters.base import SharedTensors
@@ -35,22 +29,11 @@ def build(kind, in_f, out_f, shared=None, name="test", frozen_dtype=torch.float3
     return layer
 
 
-def naive(layer, lambda_d, lambda_b):
-    """ΔW = Λ_b B Λ_d A (eq. 2) with the top-left slices of the shared bases, float64, explicit diagonals."""
-    A = layer.shared_A.double()[:, : layer.in_features]
-    B = layer.shared_B.double()[: layer.out_features, :]
-    return torch.diag(lambda_b.double()) @ B @ torch.diag(lambda_d.double()) @ A
-
-
-@pytest.mark.parametrize("kind", ["none", "nf4", "fp4", "int8"])
 @pytest.mark.parametrize("shape", [(64, 128), (128, 64)])
-def test_vera_matches_naive_reference(kind, shape):
-    layer = build(kind, *shape, r=96)  # r above the smaller width: allowed, ΔW just has rank <= 64
-    ref = lambda l: naive(l, l.lambda_d, l.lambda_b)  # noqa: E731
-    check_forward(layer, ref)
-    check_delta_weight(layer, ref)
-    check_forward_uses_delta_weight(layer)
-    check_gradients(layer, lambda p: naive(layer, p["lambda_d"], p["lambda_b"]))
+def test_strict_slices_of_the_shared_bases_match_naive_reference(shape):
+    """The contract builds each layer as the only target, so its slices are the whole bases; here a wider
+    target makes them strict top-left slices (forward, ΔW and gradients against the naive reference)."""
+    check_all(build("none", *shape, r=96))
 
 
 def test_one_pair_of_bases_for_all_layers_sized_by_the_largest_target():
@@ -76,13 +59,6 @@ def test_state_holds_only_the_vectors():
     assert sum(v.numel() * v.element_size() for v in state.values()) == sum(
         p.numel() * p.element_size() for p in trainable
     )
-
-
-def test_vera_parameter_count_matches_formula():
-    for in_f, out_f, r in [(40, 24, 5), (24, 40, 256)]:
-        layer = build("none", in_f, out_f, r=r)
-        count = sum(p.numel() for n, p in layer.named_parameters() if p.requires_grad)
-        assert count == r + out_f == layer.num_trainable(in_f, out_f, layer.config)
 
 
 def test_published_defaults():
@@ -117,7 +93,7 @@ def test_bases_are_stored_in_frozen_dtype_and_match_the_float32_compute_copy():
     assert layer.lambda_d.dtype == layer.lambda_b.dtype == torch.float32
     A32, B32 = layer.sliced_bases(torch.float32)
     assert torch.equal(A32, layer.shared_A[:, :64].float()) and torch.equal(B32, layer.shared_B[:128].float())
-    ref = naive(layer, layer.lambda_d, layer.lambda_b)
+    ref = naive_of(layer)
     torch.testing.assert_close(layer.delta_weight().double(), ref, atol=1e-6, rtol=1e-5)
 
 
@@ -132,29 +108,13 @@ def test_autocast_bfloat16():
     assert layer.lambda_d.grad.dtype == torch.float32 and layer.lambda_b.grad.abs().sum() > 0
 
 
-def test_inject_and_reload_roundtrip(tiny_model):
-    from transformers import LlamaForCausalLM
-
-    from conftest import tiny_llama_config
-    from lrft.inject import adapter_state_dict, count_trainable, inject_adapters, load_adapter_state_dict
+def test_inject_sizes_the_shared_bases_by_the_models_largest_target(tiny_model):
+    from lrft.inject import inject_adapters
 
     config = SPEC.config(type="vera", seed=3)  # r = 256 > every width of the tiny model: allowed
     layers = inject_adapters(tiny_model, config)
-    assert count_trainable(layers) == sum(256 + l.out_features for l in layers.values())
-    shared = tiny_model.lrft_shared
-    assert {id(l.shared_A) for l in layers.values()} == {id(next(iter(layers.values())).shared_A)}
-    assert next(iter(layers.values())).shared_A.shape == (256, 128)  # max in: down_proj's 128
-    assert next(iter(layers.values())).shared_B.shape == (128, 256)  # max out: up_proj's 128
-    assert len(shared.tensors()) == 2
-    for layer in layers.values():
-        randomize_trainables(layer)
-    state = adapter_state_dict(layers)
-    x = torch.randn(1, 6, 64)
-    name, layer = next(iter(layers.items()))
-    before = layer(x)
-
-    torch.manual_seed(0)
-    fresh = LlamaForCausalLM(tiny_llama_config()).eval()
-    reloaded = inject_adapters(fresh, config)
-    load_adapter_state_dict(reloaded, state)
-    torch.testing.assert_close(reloaded[name](x), before)
+    first = next(iter(layers.values()))
+    assert {id(l.shared_A) for l in layers.values()} == {id(first.shared_A)}
+    assert first.shared_A.shape == (256, 128)  # max in: down_proj's 128
+    assert first.shared_B.shape == (128, 256)  # max out: up_proj's 128
+    assert len(tiny_model.lrft_shared.tensors()) == 2

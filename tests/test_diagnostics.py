@@ -3,31 +3,31 @@ the orthogonality loss, the factored vs dense paths, PEFT folders against PEFT's
 
 import importlib.util
 import json
-import math
 import sys
 
 import pytest
 import torch
 
+from adapter_reference import naive_figures
 from conftest import ROOT, needs_cuda, tiny_llama_config
-from lrft.adapters import ADAPTERS, get_adapter
+from lrft.adapters import get_adapter
 from lrft.adapters.base import SharedTensors
 from lrft.diagnostics import (
     LayerSpectrum,
-    ShapeOnlyLinear,
     compute_spectra,
     dense_singular_values,
     factored_singular_values,
-    inspect_adapters,
     layer_depth,
-    load_adapter,
     module_type,
     orthogonality_loss,
-    run_inspect_rank,
     spectrum_figures,
 )
+from lrft.inspect_rank import inspect_adapters, load_adapter, run_inspect_rank
 from lrft.errors import UserError
-from lrft.inject import save_adapter
+from lrft.adapter_folder import ShapeOnlyLinear, save_adapter
+
+
+FLOAT32 = {"load": "float32", "compute": "float32", "frozen": "float32"}
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -44,7 +44,8 @@ def write_adapter(folder, adapter_type, shapes, fill, **options):
         with torch.no_grad():
             fill(name, layer)
         layers[name] = layer
-    save_adapter(folder, layers, config, {"base_model": {"name_or_path": "none"}, "quantization": {"bits": None}})
+    base = {"base_model": {"name_or_path": "none"}, "quantization": {"bits": None}, "dtypes": FLOAT32}
+    save_adapter(folder, layers, config, base)
     return folder
 
 
@@ -68,24 +69,6 @@ def dense_delta(folder, name):
         if factors is not None:
             return factors[0].double() @ factors[1].double()
         return layer.delta_weight(torch.device("cpu")).double()
-
-
-def naive_figures(dW, top_r, tol=None):
-    """The figures straight from their definitions, on the dense float64 ΔW."""
-    m, n = dW.shape
-    sigma = torch.linalg.svdvals(dW)
-    threshold = (tol if tol is not None else max(m, n) * torch.finfo(torch.float32).eps) * sigma[0]
-    p = sigma / sigma.sum()
-    p = p[p > 0]
-    return {
-        "rank": int((sigma > threshold).sum()),
-        "effective_rank": math.exp(-(p * p.log()).sum().item()),
-        "stable_rank": (torch.linalg.matrix_norm(dW, "fro") ** 2 / torch.linalg.matrix_norm(dW, 2) ** 2).item(),
-        "sigma_max": torch.linalg.matrix_norm(dW, 2).item(),
-        "fro_norm": torch.linalg.matrix_norm(dW, "fro").item(),
-        "top_r_energy": ((sigma[:top_r] ** 2).sum() / (sigma**2).sum()).item(),
-        "orth_loss": ((dW @ dW.T - torch.eye(m, dtype=dW.dtype)) ** 2).sum().item(),
-    }
 
 
 def rows_by_name(payload):
@@ -251,8 +234,6 @@ def test_orthogonality_of_the_factors(tmp_path):
 
 @pytest.mark.parametrize("adapter_type,options", [("lora", {"r": 7}), ("adalora", {"r": 7}), ("lora2", {"r": 6, "k": 3})])
 def test_factored_and_dense_paths_agree(tmp_path, adapter_type, options):
-    if adapter_type not in ADAPTERS:
-        pytest.skip(f"{adapter_type} is not registered")
     folder = write_adapter(tmp_path / adapter_type, adapter_type, SHAPES, random_fill(9), **options)
     layers = load_adapter(folder).layers
     factored = compute_spectra(layers)
@@ -271,8 +252,6 @@ def test_factored_and_dense_paths_agree(tmp_path, adapter_type, options):
 
 
 def test_randlora_is_full_rank(tmp_path):
-    if "randlora" not in ADAPTERS:
-        pytest.skip("randlora is not registered")
     shapes = {"model.layers.0.mlp.up_proj": (48, 32), "model.layers.0.mlp.down_proj": (32, 48)}
 
     def fill(name, layer):
@@ -297,40 +276,6 @@ def test_layers_regex_and_summaries(tmp_path):
     assert report.summary["by_module"]["q"]["layers"] == 2
     assert report.summary["by_module"]["q"]["mean_stable_rank"] == pytest.approx(sum(r["stable_rank"] for r in q_rows) / 2)
     assert report.summary["overall"]["layers"] == 4
-
-
-ALL_TYPES = ["lora", "rmlora", "adalora", "lora2", "randlora", "vera", "nola", "dora"]
-
-
-@pytest.mark.parametrize("adapter_type", ALL_TYPES)
-def test_every_adapter_type_read_without_its_model_matches_the_model(tmp_path, adapter_type):
-    """Each registered type, injected into a tiny Llama and saved; inspect-rank (stand-in bases, or the
-    recorded base model for DoRA) gives the figures of the in-model layers' own ΔW."""
-    if adapter_type not in ADAPTERS:
-        pytest.skip(f"{adapter_type} is not registered")
-    from transformers import LlamaForCausalLM
-
-    from lrft.inject import inject_adapters
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config())
-    model.save_pretrained(tmp_path / "base")
-    config = get_adapter(adapter_type).config(type=adapter_type, r=8, target_modules=["q_proj", "k_proj", "down_proj"])
-    layers = inject_adapters(model, config)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            random_fill(18, scale=0.1)(name, layer)
-    base = {"base_model": {"name_or_path": str(tmp_path / "base"), "dtype": "float32"}, "quantization": {"bits": None}}
-    save_adapter(tmp_path / "adapter", layers, config, base)
-    report, top_r = inspect(tmp_path / "adapter")
-    assert top_r == 8 and len(report.rows) == 6
-    for row in report.rows:
-        layer = layers[row["name"]]
-        with torch.no_grad():
-            factors = layer.factors()
-            dW = factors[0].double() @ factors[1].double() if factors is not None else layer.delta_weight().double()
-        assert_figures_close(row, naive_figures(dW, top_r), rtol=1e-5)
-        assert row["rank"] <= row["rank_bound"] <= min(row["shape"])
 
 
 def test_layers_needing_the_base_weight_are_loaded_with_their_model(tmp_path, monkeypatch):
@@ -364,7 +309,7 @@ def test_layers_needing_the_base_weight_are_loaded_with_their_model(tmp_path, mo
 
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
+def random_base(tmp_path_factory):
     from transformers import LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("tiny-base")
@@ -373,13 +318,13 @@ def tiny_base(tmp_path_factory):
     return folder
 
 
-def peft_adapter(tiny_base, folder, peft_config, seed=0):
+def peft_adapter(random_base, folder, peft_config, seed=0):
     """A PEFT adapter on the tiny base with random trainables; returns (peft model, adapted module names)."""
     pytest.importorskip("peft")
     from peft import get_peft_model
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(tiny_base)
+    model = LlamaForCausalLM.from_pretrained(random_base)
     peft_model = get_peft_model(model, peft_config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -412,9 +357,9 @@ def peft_configs():
 
 
 @pytest.mark.parametrize("kind", ["lora", "rslora+alpha_pattern", "adalora", "vera", "randlora"])
-def test_peft_folder_delta_equals_peft_delta(tiny_base, tmp_path, kind):
+def test_peft_folder_delta_equals_peft_delta(random_base, tmp_path, kind):
     pytest.importorskip("peft")
-    peft_model = peft_adapter(tiny_base, tmp_path / kind, peft_configs()[kind])
+    peft_model = peft_adapter(random_base, tmp_path / kind, peft_configs()[kind])
     adapter = load_adapter(tmp_path / kind)
     assert adapter.format == "peft"
     names = {layer.name for layer in adapter.layers}
@@ -422,7 +367,9 @@ def test_peft_folder_delta_equals_peft_delta(tiny_base, tmp_path, kind):
     for layer in adapter.layers:
         with torch.no_grad():
             ours = layer.delta_weight(torch.device("cpu")).double()
-        torch.testing.assert_close(ours, peft_delta(peft_model, layer.name), rtol=1e-5, atol=1e-6)
+        expected = peft_delta(peft_model, layer.name)
+        # both float32, summed in different orders (lrft's own layer, not a replica of PEFT's formula)
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6 * max(1.0, float(expected.abs().max())))
     report, _ = inspect(tmp_path / kind)
     for row in report.rows:
         assert_figures_close(row, naive_figures(peft_delta(peft_model, row["name"]), report.adapter.r), rtol=1e-5)
@@ -430,12 +377,12 @@ def test_peft_folder_delta_equals_peft_delta(tiny_base, tmp_path, kind):
         assert {row["method"] for row in report.rows} == {"factored"}
 
 
-def test_peft_dora_delta_equals_merged_minus_base(tiny_base, tmp_path):
+def test_peft_dora_delta_equals_merged_minus_base(random_base, tmp_path):
     pytest.importorskip("peft")
     from peft import LoraConfig
 
     config = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=TARGETS, init_lora_weights=False)
-    peft_model = peft_adapter(tiny_base, tmp_path / "dora", config)
+    peft_model = peft_adapter(random_base, tmp_path / "dora", config)
     adapter = load_adapter(tmp_path / "dora")
     assert adapter.type == "peft-dora"
     base = {l.name: peft_model.base_model.model.get_submodule(l.name).get_base_layer().weight.detach().double().clone()
@@ -450,11 +397,11 @@ def test_peft_dora_delta_equals_merged_minus_base(tiny_base, tmp_path):
     assert all(row["rank_bound"] == min(row["shape"]) for row in rows)  # the magnitude makes it full rank
 
 
-def test_peft_projection_not_saved_is_refused(tiny_base, tmp_path):
+def test_peft_projection_not_saved_is_refused(random_base, tmp_path):
     pytest.importorskip("peft")
     from peft import VeraConfig
 
-    peft_adapter(tiny_base, tmp_path / "vera", VeraConfig(r=8, target_modules=TARGETS, save_projection=False))
+    peft_adapter(random_base, tmp_path / "vera", VeraConfig(r=8, target_modules=TARGETS, save_projection=False))
     with pytest.raises(UserError, match="save_projection=True"):
         load_adapter(tmp_path / "vera")
 

@@ -153,9 +153,10 @@ def _fsdp_worker(model_dir: str, result: str) -> None:
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from lrft import train as T
+    from lrft import distributed as T
+    from lrft.checkpoint import seed_everything
     from lrft.inject import adapter_state_dict, inject_adapters, trainable_parameters
-    from lrft.model import frozen_dtype_of, load_base_model
+    from lrft.model import load_base_model
     from lrft.recipe import ModelSection, QuantizationSection, validate_recipe
 
     dist.init_process_group("gloo")
@@ -167,8 +168,8 @@ def _fsdp_worker(model_dir: str, result: str) -> None:
 
     def build():
         model = load_base_model(ModelSection(name_or_path=model_dir), quant, torch.device("cpu"))
-        T.seed_everything(0)
-        layers = inject_adapters(model, adapter, frozen_dtype_of(model, quant))
+        seed_everything(0)
+        layers = inject_adapters(model, adapter, torch.float32)
         return model.train(), layers
 
     def loss_of(model, ids, scale):  # token loss summed, over the global batch's tokens (as the loop)
@@ -189,7 +190,7 @@ def _fsdp_worker(model_dir: str, result: str) -> None:
     policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
     acc = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=world,
                           state=SimpleNamespace(fsdp_plugin=SimpleNamespace(auto_wrap_policy=policy)))
-    T._fsdp_own_units(acc, layers)
+    T.fsdp_own_units(acc, layers)
     model = FSDP(model, auto_wrap_policy=acc.state.fsdp_plugin.auto_wrap_policy, use_orig_params=True,
                  device_id=torch.device("cpu"))
     units = [type(u.module).__name__ for u in FSDP.fsdp_modules(model)]
@@ -201,15 +202,15 @@ def _fsdp_worker(model_dir: str, result: str) -> None:
         for i, row in enumerate(mine):
             with model.no_sync() if i < len(mine) - 1 else nullcontext():
                 loss_of(model, row[None], world).backward()
-        T._clip_grad_norm(model, params, 0.05, acc)
+        T.clip_grad_norm(model, params, 0.05, acc)
         opt.step()
         opt.zero_grad()
-    optimizer_state = T._optimizer_state(model, opt, acc)
-    with T._whole_adapter(model, acc):
+    optimizer_state = T.optimizer_state(model, opt, acc)
+    with T.whole_adapter(model, acc):
         state = {k: v.clone() for k, v in adapter_state_dict(layers).items()}
     shared = [optimizer_state]
     dist.broadcast_object_list(shared, src=0)  # as every process reads the checkpoint's file
-    T._load_optimizer_state(model, opt, shared[0], acc)
+    T.load_optimizer_state(model, opt, shared[0], acc)
     reloaded = sorted({int(s["step"]) for s in opt.state.values()})
     if rank == 0:
         expected = adapter_state_dict(ref_layers)

@@ -44,7 +44,7 @@ def test_dry_run_llama3_lora32_matches_published_count(tmp_path):
 
 def test_dry_run_plan_function(tmp_path):
     from lrft.recipe import load_recipe
-    from lrft.train import dry_run
+    from lrft.plan import dry_run
 
     folder = write_llama3_config(tmp_path / "llama3-8b")
     plan = dry_run(load_recipe("recipes/llama3-commonsense-lora.yaml", [f"model.name_or_path={folder}", f"data.path={SAMPLE_DATA}"]))

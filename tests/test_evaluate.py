@@ -268,7 +268,8 @@ def test_data_without_tasks_fails_before_loading_the_model(tmp_path, capsys):
 
 def test_adapter_is_evaluated_on_its_base(tiny, tiny_model_dir, mixed_data, tmp_path):
     from lrft.adapters import get_adapter
-    from lrft.inject import inject_adapters, save_adapter
+    from lrft.adapter_folder import save_adapter
+    from lrft.inject import inject_adapters
     from lrft.model import load_base_model
     from lrft.recipe import ModelSection, QuantizationSection
 

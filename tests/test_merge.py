@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_llama_config
+from conftest import ROOT
 from lrft.errors import UserError
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -26,29 +26,13 @@ PROMPTS = ["The capital of France is", "Question: 2 + 2 =\nAnswer:"]
 # --- fixtures -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """A random 2-layer Llama with the embedded SmolLM2 tokenizer (hence its vocabulary size)."""
-    from transformers import LlamaForCausalLM
-
-    from lrft.model import load_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_base")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(vocab_size=49152, max_position_embeddings=256))
-    with torch.no_grad():  # random init gives logits near zero; larger weights make differences visible
-        model.lm_head.weight.mul_(20)
-    model.save_pretrained(folder)
-    load_tokenizer("smollm2-135m-instruct").save_pretrained(folder)
-    return folder
-
-
 def make_adapter(base_folder, folder, bits=None, quant_type="nf4", targets=TARGETS, r=4, alpha=8.0, kind="lora", **options):
     """Train nothing: inject an adapter into the (quantized) base, give every trainable tensor random
     non-zero values (most start at zero, which would hide bugs), save it."""
     from lrft.adapters import get_adapter
-    from lrft.inject import inject_adapters, save_adapter
-    from lrft.model import load_base_model
+    from lrft.adapter_folder import base_record, save_adapter
+    from lrft.inject import inject_adapters
+    from lrft.model import Dtypes, load_base_model
     from lrft.recipe import ModelSection, QuantizationSection
 
     model_section = ModelSection(name_or_path=str(base_folder), dtype="float32")
@@ -65,17 +49,20 @@ def make_adapter(base_folder, folder, bits=None, quant_type="nf4", targets=TARGE
             for name, p in layer.named_parameters():
                 if p.requires_grad and not name.startswith("base_layer."):
                     p.add_(torch.randn(p.shape, generator=generator) * 0.2)
-    base_info = {"base_model": model_section.model_dump(mode="json"), "quantization": quant.model_dump(mode="json")}
-    save_adapter(folder, layers, config, base_info)
+    save_adapter(folder, layers, config, base_record(model_section, quant, Dtypes.resolve(model_section, quant, torch.device("cpu"))))
     return folder
 
 
 def reference_logits(adapter_dir):
     """base + adapter as trained, in fp32 (lrft keeps bitsandbytes' 4-bit layers on their training
     kernel in eval mode: see lrft.model.use_training_kernels)."""
-    from lrft.inject import load_model_with_adapter
+    from lrft.adapter_folder import AdapterFolder
 
-    model, tokenizer, _, _ = load_model_with_adapter(adapter_dir, device=torch.device("cpu"))
+    from lrft.model import load_tokenizer
+
+    folder = AdapterFolder.read(adapter_dir)
+    model, _ = folder.load_model(torch.device("cpu"))
+    tokenizer = load_tokenizer(folder.base_name)
     with torch.no_grad():
         return [model(**tokenizer(p, return_tensors="pt")).logits[0] for p in PROMPTS]
 
@@ -149,14 +136,14 @@ def test_float32_merge_is_w_plus_delta_and_matches_base_plus_adapter(tiny_base, 
 
 
 def test_4bit_merge_uses_the_dequantized_weights_the_adapter_saw(tiny_base, adapter_nf4, tmp_path):
-    from lrft.inject import load_model_with_adapter
+    from lrft.adapter_folder import AdapterFolder
     from lrft.merge import run_merge
     from lrft.model import dequantized_weight
 
     out = tmp_path / "merged"
     report = run_merge(adapter_nf4, out)  # --dtype auto: float32, the dtype this CPU run trained in
     assert report["dtype"] == "float32"
-    model, _, layers, _ = load_model_with_adapter(adapter_nf4, device=torch.device("cpu"))
+    model, layers = AdapterFolder.read(adapter_nf4).load_model(torch.device("cpu"))
     merged = merged_state(out)
     for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.v_proj"):
         expected = dequantized_weight(layers[name].base_layer, torch.float64) + layer_delta(adapter_nf4, name)
@@ -199,14 +186,14 @@ def test_bfloat16_merge_passes_its_tolerance(adapter_nf4, tmp_path):
 
 
 def test_int8_adapter_merges_against_llm_int8_weights(tiny_base, tmp_path):
-    from lrft.inject import load_model_with_adapter
+    from lrft.adapter_folder import AdapterFolder
     from lrft.merge import run_merge
     from lrft.model import dequantized_weight
 
     adapter = make_adapter(tiny_base, tmp_path / "int8", bits=8)
     out = tmp_path / "merged"
     report = run_merge(adapter, out, dtype="float32")
-    _, _, layers, _ = load_model_with_adapter(adapter, device=torch.device("cpu"))
+    _, layers = AdapterFolder.read(adapter).load_model(torch.device("cpu"))
     name = "model.layers.1.mlp.up_proj"
     expected = dequantized_weight(layers[name].base_layer, torch.float64) + layer_delta(adapter, name)
     torch.testing.assert_close(merged_state(out)[f"{name}.weight"].double(), expected, atol=1e-6, rtol=1e-6)
@@ -280,15 +267,15 @@ def test_exception_midway_leaves_no_output(adapter_nf4, tmp_path, monkeypatch):
     from lrft import merge
 
     calls = []
-    real = merge.SavedAdapter.delta_weight
+    real = merge.delta_weight
 
-    def fail_on_third(self, name, base_layer):
+    def fail_on_third(folder, name, base_layer):
         calls.append(name)
         if len(calls) == 3:
             raise RuntimeError("simulated crash")
-        return real(self, name, base_layer)
+        return real(folder, name, base_layer)
 
-    monkeypatch.setattr(merge.SavedAdapter, "delta_weight", fail_on_third)
+    monkeypatch.setattr(merge, "delta_weight", fail_on_third)
     with pytest.raises(RuntimeError, match="simulated crash"):
         merge.run_merge(adapter_nf4, tmp_path / "merged", dtype="float32", max_shard_bytes=100_000)
     assert not (tmp_path / "merged").exists() and not _leftovers(tmp_path, "merged")
@@ -298,8 +285,8 @@ def test_verification_failure_exits_1_and_writes_nothing(adapter_nf4, tmp_path, 
     """A wrong ΔW (here: doubled) must be caught by the comparison with base + adapter."""
     from lrft import cli, merge
 
-    real = merge.SavedAdapter.delta_weight
-    monkeypatch.setattr(merge.SavedAdapter, "delta_weight", lambda self, n, b: 2 * real(self, n, b))
+    real = merge.delta_weight
+    monkeypatch.setattr(merge, "delta_weight", lambda folder, n, b: 2 * real(folder, n, b))
     out = tmp_path / "merged"
     with pytest.raises(SystemExit) as exc:
         cli.main(["merge", str(adapter_nf4), "--output", str(out), "--dtype", "float32"])
@@ -340,7 +327,7 @@ def test_kill_midway_leaves_no_output(adapter_nf4, tmp_path):
 
 
 def test_bad_options_are_user_errors(adapter_none, tmp_path):
-    from lrft.merge import export_peft, run_merge
+    from lrft.merge import run_merge
 
     with pytest.raises(UserError, match="--dtype"):
         run_merge(adapter_none, tmp_path / "a", dtype="float64")
@@ -350,8 +337,6 @@ def test_bad_options_are_user_errors(adapter_none, tmp_path):
     (tmp_path / "full" / "x").write_text("keep me")
     with pytest.raises(UserError, match="already exists"):
         run_merge(adapter_none, tmp_path / "full")
-    with pytest.raises(UserError, match="PEFT has no NoLA.*--format hf"):
-        export_peft(adapter_none, tmp_path / "b", {"adapter": {"type": "nola"}, "layers": {}})
     with pytest.raises(UserError, match="does not exist"):
         run_merge(tmp_path / "missing", tmp_path / "c")
 
@@ -383,13 +368,6 @@ def test_peft_export_round_trips_lora(tiny_base, adapter_none, tmp_path):
         assert (got - ref).abs().max() < 1e-5
 
 
-def skip_unless_written(kind):
-    from lrft.adapters import known_types
-
-    if kind not in known_types():
-        pytest.skip(f"{kind} is not written yet")
-
-
 @pytest.mark.parametrize(
     "kind, targets, options",
     [
@@ -404,7 +382,6 @@ def skip_unless_written(kind):
 def test_peft_export_round_trips(kind, targets, options, tiny_base, tmp_path):
     from lrft.merge import run_merge
 
-    skip_unless_written(kind)
     adapter = make_adapter(tiny_base, tmp_path / kind, kind=kind, targets=targets, alpha=None, **options)
     if kind == "adalora":  # prune some ranks: the export must keep them pruned
         from safetensors.torch import save_file
@@ -421,18 +398,18 @@ def test_peft_export_round_trips(kind, targets, options, tiny_base, tmp_path):
 
 
 def test_peft_export_refuses_what_peft_cannot_express(tiny_base, tmp_path):
-    from lrft.adapters import known_types
     from lrft.merge import run_merge
+    from lrft.peft_format import UNSUPPORTED
 
-    if "randlora" in known_types():
-        adapter = make_adapter(tiny_base, tmp_path / "randlora", kind="randlora", r=16)
-        with pytest.raises(UserError, match="several .*--format hf"):
-            run_merge(adapter, tmp_path / "a", fmt="peft")
-    if "lora2" in known_types():
-        adapter = make_adapter(tiny_base, tmp_path / "lora2", kind="lora2")
-        with pytest.raises(UserError, match="PEFT has no LoRA.*--format hf"):
+    adapter = make_adapter(tiny_base, tmp_path / "randlora", kind="randlora", r=16)
+    with pytest.raises(UserError, match="several .*--format hf"):
+        run_merge(adapter, tmp_path / "a", fmt="peft")
+    assert not (tmp_path / "a").exists()
+    for kind in UNSUPPORTED:
+        adapter = make_adapter(tiny_base, tmp_path / kind, kind=kind, alpha=None)
+        with pytest.raises(UserError, match="PEFT has no .*--format hf"):
             run_merge(adapter, tmp_path / "b", fmt="peft")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+        assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("kind", ["randlora", "rmlora", "adalora", "lora2", "dora", "vera", "nola"])
@@ -441,7 +418,6 @@ def test_every_adapter_type_merges_through_delta_weight(kind, tiny_base, tmp_pat
     reproduces base + adapter on a 4-bit base."""
     from lrft.merge import run_merge
 
-    skip_unless_written(kind)
     adapter = make_adapter(tiny_base, tmp_path / kind, bits=4, kind=kind, targets=["q_proj", "down_proj"], alpha=None)
     report = run_merge(adapter, tmp_path / "merged", dtype="float32")
     figures = report["verification"]

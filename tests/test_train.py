@@ -50,7 +50,7 @@ def test_train_writes_the_run_layout(tiny_model_dir, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["seed"] == 42 and "torch" in run["versions"] and run["recipe_hash"]
     # "auto" is recorded as what it resolved to: float32 on a CPU
-    assert (run["base_dtype"], run["compute_dtype"]) == ("torch.float32", "torch.float32")
+    assert run["dtypes"] == {"load": "float32", "compute": "float32", "frozen": "float32"}
 
 
 def test_loss_falls_on_the_sample(tiny_model_dir, tmp_path):
@@ -67,7 +67,9 @@ def test_existing_output_dir_is_refused(tiny_model_dir, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("x")
     result = run_cli(tiny_args(tiny_model_dir, out, "--max-steps", "1"))
-    assert result.exit_code != 0
+    from lrft.errors import UserError
+
+    assert isinstance(result.exception, UserError) and "is not empty" in str(result.exception)
     assert (out / "keep.txt").exists()
 
 
@@ -113,3 +115,50 @@ def test_validation_in_eval_mode_keeps_4bit_training_intact(tiny_model_dir):
     assert torch.equal(dequantized_weight(model.get_submodule(probe)), before)
     first = layers["model.layers.0.self_attn.q_proj"]
     assert first.lora_A.grad is not None and first.lora_A.grad.abs().sum() > 0  # flows through both blocks' 4-bit layers
+
+
+def test_skipped_nonfinite_step_skips_only_the_update(tiny_model_dir, tmp_path, monkeypatch):
+    """A non-finite loss at the budget's final step: the parameters are not updated, but AdaLoRA's final
+    mask is still applied (ranks end at target_r), and the step is logged."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lrft import train as train_module
+
+    steps, micro_batches = 4, 2
+    real_load = train_module.load_base_model
+    forwards = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+
+        def hook(module, inputs, output):
+            if torch.is_grad_enabled():
+                forwards["n"] += 1
+                if forwards["n"] > (steps - 1) * micro_batches:  # the last step's micro-batches
+                    return output * float("nan")
+            return None
+
+        model.lm_head.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(train_module, "load_base_model", poisoned)
+    out = tmp_path / "run"
+    args = [
+        "train", "recipes/smollm2-commonsense-adalora.yaml", "--set", f"model.name_or_path={tiny_model_dir}",
+        "--set", "eval=null", "--set", "data.cutoff_len=64", "--set", "data.val_size=0",
+        "--set", "training.batch_size=8", "--set", "training.micro_batch_size=4", "--set", "training.warmup_steps=0",
+        "--set", "training.skip_nonfinite=true", "--set", "adapter.r=6", "--set", "adapter.target_r=2",
+        "--set", "adapter.tinit=0", "--set", "adapter.tfinal=0", "--set", "adapter.target_modules=[q_proj,v_proj]",
+        "--max-steps", str(steps), "--output-dir", str(out),
+    ]
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    assert forwards["n"] == steps * micro_batches
+    masks = {k: v for k, v in load_file(str(out / "adapter/adapter.safetensors")).items() if k.endswith("rank_mask")}
+    assert len(masks) == 4 and sum(int(m.sum()) for m in masks.values()) == 2 * 4  # target_r x layers
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["skipped_nonfinite"] == 1 and records[-1]["loss"] is None
+    assert all(math.isfinite(r["loss"]) for r in records[:-1])
+    assert json.loads((out / "run.json").read_text())["skipped_nonfinite"] == 1

@@ -7,7 +7,8 @@ rescale; the authors' code divides by the initial rank too); alpha defaults to 2
 
 The orthogonality regulariser ``R(P, Q) = ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F`` (eq. 4) keeps P and Q near
 orthonormal so that Λ behaves like singular values; each layer adds ``orth_reg · R`` to the loss
-(default 0.1). The budget schedule, the sensitivity × uncertainty importance with the triplet score
+(default 0.001 for this summed squared form; :mod:`lrft.adapters.budget` says why not the published 0.1).
+The budget schedule, the sensitivity × uncertainty importance with the triplet score
 ``s(λ_i) + mean_j s(P[j, i]) + mean_j s(Q[i, j])`` and the masking run in the training loop through
 :class:`lrft.adapters.budget.BudgetController`; see that module for the schedule and the defaults
 (``target_r``, ``init_r``, ``tinit``, ``tfinal``, ``delta_t``, ``beta1``, ``beta2``). The per-layer rank
@@ -22,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import AdapterConfig
-from .budget import BudgetConfig, BudgetController, RankPrunedLayer, gaussian_, orthogonality_penalty
+from ..diagnostics import orthogonality_residuals
+from .budget import BudgetConfig, BudgetController, RankPrunedLayer, gaussian_
 
 INIT_STD = 0.02
 
@@ -32,7 +34,6 @@ class AdaLoRAConfig(BudgetConfig):
 
 
 class AdaLoRALayer(RankPrunedLayer):
-    config_class = AdaLoRAConfig
 
     def __init__(self, base_layer, config: AdaLoRAConfig, shared, name, frozen_dtype=torch.float32):
         super().__init__(base_layer, config, shared, name, frozen_dtype)
@@ -69,8 +70,8 @@ class AdaLoRALayer(RankPrunedLayer):
             return None
         # the regulariser is a sum of squares of Gram residuals: keep it out of reduced-precision autocast
         with torch.autocast(self.lora_P.device.type, enabled=False):
-            penalty = orthogonality_penalty(self.lora_P, columns=True) + orthogonality_penalty(self.lora_Q, columns=False)
-        return self.config.orth_reg * penalty
+            on_Q, on_P = orthogonality_residuals(self.lora_P.float(), self.lora_Q.float())
+        return self.config.orth_reg * (on_P + on_Q)
 
 
 class AdaLoRAController(BudgetController):

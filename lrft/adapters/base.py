@@ -62,11 +62,19 @@ class SharedTensors:
     save them per layer), and never saved: the adapter file records the seed and the sampler instead.
     """
 
-    def __init__(self, seed: int, target_shapes: Optional[dict[str, tuple[int, int]]] = None):
+    def __init__(
+        self,
+        seed: int,
+        target_shapes: Optional[dict[str, tuple[int, int]]] = None,
+        provided: Optional[dict[str, Tensor]] = None,
+    ):
         self.seed = seed
         # (in_features, out_features) of every adapted layer by module name, for adapters whose shared
         # tensors are sized by all the targets at once (VeRA's bases span the largest in and out)
         self.target_shapes: dict[str, tuple[int, int]] = {n: tuple(s) for n, s in (target_shapes or {}).items()}
+        # tensors read from a file instead of drawn from the seed (a PEFT adapter's saved projections,
+        # drawn by PEFT's own generator); a larger one is sliced top-left to the requested shape, as PEFT does
+        self.provided: dict[str, Tensor] = dict(provided or {})
         self._cache: dict[tuple, Tensor] = {}
 
     def seed_for(self, name: str) -> int:
@@ -86,6 +94,11 @@ class SharedTensors:
         if key not in self._cache:
             if device.type == "meta":
                 tensor = torch.empty(shape, device="meta", dtype=dtype)
+            elif name in self.provided:
+                source = self.provided[name]
+                if source.dim() != len(shape) or any(have < want for have, want in zip(source.shape, shape)):
+                    raise ValueError(f"provided frozen tensor {name} has shape {tuple(source.shape)}, smaller than {tuple(shape)}")
+                tensor = source[tuple(slice(0, n) for n in shape)].to(device=device, dtype=dtype)
             else:
                 generator = torch.Generator("cpu").manual_seed(self.seed_for(name))
                 tensor = sampler(tuple(shape), generator).to(device=device, dtype=dtype)
@@ -111,7 +124,11 @@ class AdapterLayer(nn.Module):
     upcast). Construction must also work when the base weight lives on the ``meta`` device (dry runs).
     """
 
-    config_class: ClassVar[type[AdapterConfig]]
+    # ΔW depends on the frozen weight (DoRA's W' − W): inspect-rank and merge rebuild such a layer around the
+    # real (quantized) weight instead of a shape-only stand-in, and FSDP cannot train it
+    needs_base_weight: ClassVar[bool] = False
+    # config.r is a per-layer rank, so it must not exceed min(in, out) (VeRA's r is its shared bases' rank)
+    r_must_fit: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -64,9 +64,7 @@ def _no_autocast(device: torch.device):
 
 
 class DoRALayer(LoRALayer):
-    config_class = DoRAConfig
-    # ΔW' = W' − W depends on the frozen weight: inspect-rank must load the real base, not a stand-in
-    needs_base_weight: ClassVar[bool] = True
+    needs_base_weight: ClassVar[bool] = True  # ΔW' = W' − W
 
     def __init__(self, base_layer, config: DoRAConfig, shared, name, frozen_dtype=torch.float32):
         super().__init__(base_layer, config, shared, name, frozen_dtype)

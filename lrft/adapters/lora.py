@@ -18,7 +18,6 @@ class LoRAConfig(AdapterConfig):
 
 
 class LoRALayer(AdapterLayer):
-    config_class = LoRAConfig
 
     def __init__(self, base_layer, config: LoRAConfig, shared, name, frozen_dtype=torch.float32):
         super().__init__(base_layer, config, shared, name, frozen_dtype)

@@ -10,8 +10,7 @@ Gaussian. The paper says only "random Gaussian"; we scale each factor so that it
 of its own orthogonality regulariser (below): std 1/√out for u and 1/√in for V (unit-norm columns of u,
 rows of V), 1/√R for v and U (unit-norm rows of v, columns of U). P and Q then start with columns / rows
 of norm about √(k/R), and ∂L/∂λ_i = scale · p_iᵀ G q_i is as large as in a LoRA. AdaLoRA's 0.02 for every
-factor makes ΔW a product of four small factors and a zero: measured on SmolLM2-135M 4-bit, 12 steps at
-learning rates up to 3e-2 left the loss exactly at the base model's.
+factor makes ΔW a product of four small factors and a zero, which does not train (docs/adapters.md).
 The scaling alpha / R (alpha defaults to 2R, as for every lrft adapter) is our convention; the paper
 writes ΔW = PΛQ with no scale. Paper defaults: R = 8 (its rank figures), k ∈ {1, 8}; ours are R = 8,
 k = 8.
@@ -47,7 +46,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from .base import AdapterConfig
-from .budget import BudgetConfig, BudgetController, RankPrunedLayer, gaussian_, gram_penalty
+from ..diagnostics import gram_residual
+from .budget import BudgetConfig, BudgetController, RankPrunedLayer, gaussian_
 
 class LoRA2Config(BudgetConfig):
     type: Literal["lora2"] = "lora2"
@@ -56,7 +56,6 @@ class LoRA2Config(BudgetConfig):
 
 
 class LoRA2Layer(RankPrunedLayer):
-    config_class = LoRA2Config
 
     def __init__(self, base_layer, config: LoRA2Config, shared, name, frozen_dtype=torch.float32):
         super().__init__(base_layer, config, shared, name, frozen_dtype)
@@ -113,9 +112,9 @@ class LoRA2Layer(RankPrunedLayer):
             u, v, U, V = (t.float() for t in (self.lora_u, self.lora_v, self.lora_U, self.lora_V))
             u_gram = u.T @ u  # k×k
             V_gram = V @ V.T  # k×k
-            between_planes = gram_penalty(v.T @ u_gram @ v) + gram_penalty(U @ V_gram @ U.T)
-            first_block = gram_penalty(u_gram) + gram_penalty(v @ v.T)
-            second_block = gram_penalty(U.T @ U) + gram_penalty(V_gram)
+            between_planes = gram_residual(v.T @ u_gram @ v) + gram_residual(U @ V_gram @ U.T)
+            first_block = gram_residual(u_gram) + gram_residual(v @ v.T)
+            second_block = gram_residual(U.T @ U) + gram_residual(V_gram)
         return self.config.orth_reg * (between_planes + first_block + second_block)
 
 

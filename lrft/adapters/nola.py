@@ -104,7 +104,6 @@ def _basis_sampler(num_basis: int):
 
 
 class NoLALayer(AdapterLayer):
-    config_class = NoLAConfig
 
     def __init__(self, base_layer, config: NoLAConfig, shared: SharedTensors, name, frozen_dtype=torch.float32):
         super().__init__(base_layer, config, shared, name, frozen_dtype)

@@ -462,7 +462,6 @@ def forming_is_cheaper(tokens: int, large: int, small: int, stacked: int, backwa
 
 
 class RandLoRALayer(AdapterLayer):
-    config_class = RandLoRAConfig
 
     def __init__(self, base_layer, config: RandLoRAConfig, shared, name, frozen_dtype=torch.float32):
         super().__init__(base_layer, config, shared, name, frozen_dtype)

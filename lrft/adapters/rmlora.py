@@ -17,11 +17,12 @@ averaged over all 2L factor matrices of the model,
 It is weaker by a large factor (no square, divided by 2L), so an ``orth_reg`` tuned for one form does
 not carry over to the other. The paper gives no coefficient. The authors' value is 0.1 (their README:
 "reg_orth_coef: the weight of orthogonal regularization (0, 0.1)", and every RM-LoRA run script uses
-0.1), tuned with the frobenius form; with the squared form it swamps the task: on SmolLM2-135M (150
-adapted layers, r = 16) the term starts at about 3470 × ``orth_reg``, 91× the LM loss at 0.1
-(docs/results.md). lrft's default is therefore ``orth_reg = 0.001`` with the squared form, where the
-two losses start comparable; use ``orth_reg: 0.1, orth_reg_norm: frobenius`` for the authors' setting. The regulariser is computed in float32 with
-autocast off (A Aᵀ − I in bfloat16 would lose the residual it is meant to shrink).
+0.1), tuned with the frobenius form; with the squared form it swamps the task (docs/adapters.md, "Measured
+facts behind the defaults"). lrft's default is therefore ``orth_reg = 0.001`` with the squared form,
+where the two losses start comparable; use ``orth_reg: 0.1, orth_reg_norm: frobenius`` for the authors'
+setting. The regulariser is computed in float32 with autocast off (A Aᵀ − I in bfloat16 would lose the
+residual it is meant to shrink), by :func:`lrft.diagnostics.orthogonality_residuals`, which inspect-rank
+reports too.
 
 **GM-LoRA, gradient masking** (sec. 4.3, Algorithm 1): every optimizer step, each adapted layer draws
 r̂ = ``mask_rank`` distinct directions out of the r; only those rows of A and the same columns of B are
@@ -64,12 +65,8 @@ Cost (sec. 4.3 suggests not computing the masked gradients): during a training s
 gradients for the r̂ selected directions only (masked rows / columns of ``grad`` are exact zeros); the
 gradient with respect to x still uses all r directions, since the layers below need it. The controller
 zeroes the masked gradients again before the optimizer step because the regulariser's gradient
-reaches every direction (Algorithm 1 masks the gradient of the whole loss). Measured on this
-project's 2-core CPU machine (``benchmarks/rmlora_step.py``: one frozen 576→1536 linear, 512 tokens,
-r = 32, r̂ = 8, one thread, CPU time, median of 10 and of 30 steps): the adapter's own forward +
-backward takes about half of LoRA's time (0.8× when x needs a gradient); the ``exact`` hooks cost
-about 1 ms, as much as AdamW's own step on the layer; a whole step, frozen base included, is 0.84-0.96×
-LoRA's for ``exact`` and 0.82-0.94× for ``grad_only`` (RM-LoRA with the regulariser: 0.85-1.00×).
+reaches every direction (Algorithm 1 masks the gradient of the whole loss). What this saves against
+LoRA, and what the ``exact`` hooks cost, is measured by ``benchmarks/rmlora_step.py`` (docs/adapters.md).
 
 Directions come from a ``torch.Generator`` seeded from (``adapter.seed``, step, layer name), so a run
 draws the same directions on every process and after a resume; the state dict holds only the
@@ -84,8 +81,9 @@ from typing import Any, Literal, Optional
 
 import torch
 from pydantic import Field, model_validator
-from torch import Tensor, nn
+from torch import Tensor
 
+from ..diagnostics import orthogonality_residuals
 from ..errors import UserError
 from .base import AdapterConfig, Controller
 from .lora import LoRALayer
@@ -133,13 +131,6 @@ class RMLoRAConfig(AdapterConfig):
         return self.mask_rank is not None and self.mask_rank < self.r
 
 
-def orthogonality_residual(gram: Tensor, squared: bool) -> Tensor:
-    """``‖G − I‖²_F`` (squared) or ``‖G − I‖_F`` for an r×r Gram matrix G."""
-    residual = gram - torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
-    # vector_norm's gradient at an exactly orthogonal factor is 0, where sqrt(sum of squares) gives NaN
-    return (residual * residual).sum() if squared else torch.linalg.vector_norm(residual)
-
-
 class SelectedDirectionsLoRA(torch.autograd.Function):
     """``scaling · x Aᵀ Bᵀ`` (the value of the LoRA forward) whose backward forms weight gradients only for
     the ``selected`` directions: rows of A and columns of B outside it get exact zeros.
@@ -183,7 +174,6 @@ class SelectedDirectionsLoRA(torch.autograd.Function):
 class RMLoRALayer(LoRALayer):
     """A LoRA layer that, while a step's directions are selected, builds weight gradients for them only."""
 
-    config_class = RMLoRAConfig
 
     def __init__(self, base_layer, config: RMLoRAConfig, shared, name, frozen_dtype=torch.float32):
         super().__init__(base_layer, config, shared, name, frozen_dtype)
@@ -215,9 +205,7 @@ class RMLoRALayer(LoRALayer):
         """(‖AAᵀ − I‖, ‖BᵀB − I‖) in float32, squared or not; unweighted."""
         device_type = self.lora_A.device.type
         with torch.autocast(device_type=device_type, enabled=False) if device_type != "meta" else nullcontext():
-            A = self.lora_A.float()
-            B = self.lora_B.float()
-            return orthogonality_residual(A @ A.T, squared), orthogonality_residual(B.T @ B, squared)
+            return orthogonality_residuals(self.lora_B.float(), self.lora_A.float(), squared)
 
     def extra_loss(self) -> Optional[Tensor]:
         # The regulariser is added by the Controller: its frobenius form is a mean over every factor of

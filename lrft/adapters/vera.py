@@ -16,7 +16,7 @@ Choices, and why
 * VeRA has no alpha: the scale of ΔW is learned by b and d, so scaling is 1 and setting ``alpha`` is
   rejected rather than silently multiplying ΔW.
 * r is the rank of the shared bases, not of a layer's update, and may exceed a layer's smaller width
-  (ΔW then simply has rank ≤ min(in, out)): the config sets ``r_must_fit = False``.
+  (ΔW then simply has rank ≤ min(in, out)): the layer class sets ``r_must_fit = False``.
 * The bases come from :class:`SharedTensors` in ``frozen_dtype``, one copy for the whole model, never
   saved (the seed regenerates them). Their size needs every target's shape, which one layer's constructor
   cannot see: ``inject_adapters`` (and merge / inspect-rank, which rebuild layers one at a time) record
@@ -46,9 +46,6 @@ class VeRAConfig(AdapterConfig):
     r: int = Field(256, gt=0, description="rank of the shared random bases (may exceed a layer's widths)")
     d_initial: float = Field(0.1, description="initial value of every entry of the per-layer vector d")
 
-    # r is the shared bases' rank, not a per-layer rank: inject_adapters must not cap it at min(in, out)
-    r_must_fit: ClassVar[bool] = False
-
     @model_validator(mode="after")
     def _no_alpha(self):
         if self.alpha is not None:
@@ -72,7 +69,8 @@ def _kaiming_sampler(rounding_dtype: torch.dtype):
 
 
 class VeRALayer(AdapterLayer):
-    config_class = VeRAConfig
+    # r is the shared bases' rank, not a per-layer rank: it may exceed min(in, out)
+    r_must_fit: ClassVar[bool] = False
 
     def __init__(self, base_layer, config: VeRAConfig, shared: SharedTensors, name, frozen_dtype=torch.float32):
         super().__init__(base_layer, config, shared, name, frozen_dtype)

@@ -1,0 +1,138 @@
+"""The contract every registered adapter type keeps, checked over the registry (a new type is checked
+without touching this file; it needs a naive reference in adapter_reference.NAIVE and its parameter
+count in adapter_reference.PARAMETERS):
+
+* the trainable parameter count is the paper's formula (adapter_reference.PARAMETERS), as ``num_trainable`` says;
+* ΔW = 0 at initialisation, so training starts from the base model;
+* the forward is x·(W + ΔW)ᵀ with ΔW from the naive float64 formula, ``delta_weight()`` is that ΔW, and
+  the gradients are autograd's of the naive formula, on plain and quantized bases;
+* a saved adapter reloads bit-identically (layer by layer and attached to a model), merges through
+  ``delta_weight()`` into a model that reproduces base + adapter, and inspect-rank reports its ΔW.
+"""
+
+import json
+
+import pytest
+import torch
+
+from adapter_reference import NAIVE, PARAMETERS, build_layer, check_all, naive_figures, options_for, randomize_trainables
+from lrft.adapters import get_adapter, known_types
+
+TYPES = known_types()
+BASES = ["none", "nf4", "fp4", "int8"]
+# LLM.int8 quantizes the activations too, so its kernel is not x·Wᵀ; adapters whose output rescales the
+# base output (DoRA) cannot equal x·(W + ΔW)ᵀ on it and are checked against the kernel in their own file
+FORWARD_CASES = [
+    (kind, base) for kind in TYPES for base in BASES
+    if not (base == "int8" and get_adapter(kind).layer.needs_base_weight)
+]
+
+
+def test_every_registered_type_has_a_reference():
+    assert set(TYPES) <= set(NAIVE), f"add a naive float64 reference for {sorted(set(TYPES) - set(NAIVE))}"
+    assert set(TYPES) <= set(PARAMETERS), f"add the paper's parameter count for {sorted(set(TYPES) - set(PARAMETERS))}"
+
+
+@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_parameter_count_is_the_formula(kind, shape):
+    layer = build_layer(kind, "none", *shape, randomize=False)
+    count = sum(p.numel() for name, p in layer.named_parameters() if p.requires_grad and not name.startswith("base_layer."))
+    assert count == layer.num_trainable(*shape, layer.config) == PARAMETERS[kind](*shape, layer.config) > 0
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_starts_from_the_base_model(kind):
+    layer = build_layer(kind, "none", 64, 48, randomize=False)
+    assert torch.count_nonzero(layer.delta_weight()) == 0
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(layer.eval()(x), layer.base_layer(x))
+
+
+@pytest.mark.parametrize("kind, base", FORWARD_CASES)
+@pytest.mark.parametrize("shape", [(64, 128), (128, 64)])
+def test_forward_delta_weight_and_gradients_match_the_naive_reference(kind, base, shape):
+    check_all(build_layer(kind, base, *shape))
+
+
+# --- on disk: reload, merge, inspect --------------------------------------------------------------------
+
+TARGETS = ["q_proj", "down_proj"]
+
+
+def load(folder, bits):
+    from lrft.model import load_base_model
+    from lrft.recipe import ModelSection, QuantizationSection
+
+    model_section = ModelSection(name_or_path=str(folder), dtype="float32")
+    quant = QuantizationSection(bits=bits, compute_dtype="float32")
+    return load_base_model(model_section, quant, torch.device("cpu")), model_section, quant
+
+
+@pytest.fixture(scope="module", params=TYPES)
+def saved(request, tiny_base, tmp_path_factory):
+    """An adapter of each type on the 4-bit tiny base, trainables randomized, saved; with its in-memory
+    layers and model for comparison."""
+    from lrft.adapter_folder import base_record, save_adapter
+    from lrft.inject import inject_adapters
+    from lrft.model import Dtypes
+
+    kind = request.param
+    model, model_section, quant = load(tiny_base, 4)
+    config = get_adapter(kind).config(type=kind, target_modules=TARGETS, **options_for(kind))
+    torch.manual_seed(1)
+    layers = inject_adapters(model, config)
+    for layer in layers.values():
+        randomize_trainables(layer, scale=0.05)
+    folder = tmp_path_factory.mktemp("contract") / kind
+    save_adapter(folder, layers, config, base_record(model_section, quant, Dtypes.resolve(model_section, quant, torch.device("cpu"))))
+    return folder, model.eval(), layers
+
+
+def test_reloads_bit_identically(saved, tiny_base):
+    from lrft.adapter_folder import AdapterFolder
+
+    folder_path, model, layers = saved
+    folder = AdapterFolder.read(folder_path)
+    assert set(folder.layer_shapes) == set(layers)
+    fresh, _, _ = load(tiny_base, 4)
+    reloaded = folder.attach(fresh)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            assert torch.equal(reloaded[name].delta_weight(), layer.delta_weight()), name
+            if not layer.needs_base_weight:  # rebuilt around a shape-only stand-in
+                assert torch.equal(folder.layer(name).delta_weight(), layer.delta_weight()), name
+        ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_merges_through_delta_weight(saved, tmp_path):
+    """Merge knows no adapter type: whatever delta_weight() returns is folded in, and the merged model
+    reproduces base + adapter on a 4-bit base."""
+    from lrft.merge import run_merge
+
+    folder_path, _, _ = saved
+    report = run_merge(folder_path, tmp_path / "merged", dtype="float32")
+    figures = report["verification"]
+    assert figures["passed"] and figures["max_abs_logit_diff"] < 1e-4 * max(1.0, figures["max_abs_logit"])
+    assert json.loads((tmp_path / "merged" / "lrft_merge.json").read_text())["adapter_type"] == saved[0].name
+
+
+def test_inspect_rank_reports_the_layers_own_delta(saved):
+    from lrft.inspect_rank import inspect_adapters
+
+    folder_path, _, layers = saved
+    (report,), top_r = inspect_adapters([folder_path], show_progress=False)
+    assert len(report.rows) == len(layers)
+    for row in report.rows:
+        layer = layers[row["name"]]
+        with torch.no_grad():  # through the factors where there are some: float32 rounding adds tiny σ to a formed ΔW
+            factors = layer.factors()
+            dW = factors[0].double() @ factors[1].double() if factors is not None else layer.delta_weight().double()
+        for key, value in naive_figures(dW, top_r).items():
+            if key == "rank":
+                assert row[key] == value, (row["name"], key)
+            else:
+                assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-9), (row["name"], key)
+        assert row["rank"] <= row["rank_bound"] <= min(row["shape"])

@@ -1,0 +1,139 @@
+"""PEFT's format, both directions: adapters trained by PEFT itself evaluate and merge through lrft with
+PEFT's logits, and every lrft type PEFT has survives export then import with its ΔW."""
+
+import json
+
+import pytest
+import torch
+
+from adapter_reference import options_for, randomize_trainables
+
+peft = pytest.importorskip("peft")
+
+PROMPTS = ["The capital of France is", "Question: 2 + 2 =\nAnswer:"]
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def peft_configs():
+    from peft import AdaLoraConfig, LoraConfig, RandLoraConfig, VeraConfig
+
+    return {
+        "lora": LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS),
+        "rslora+patterns": LoraConfig(
+            r=4, lora_alpha=8, use_rslora=True, rank_pattern={"down_proj": 2}, alpha_pattern={"up_proj": 3},
+            target_modules=TARGETS,
+        ),
+        "dora": LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=TARGETS),
+        # pruned during training: PEFT saves the resized tensors with a rank_pattern
+        "adalora": AdaLoraConfig(init_r=6, target_r=2, tinit=1, tfinal=1, deltaT=1, total_step=4, lora_alpha=5, target_modules=TARGETS),
+        "vera": VeraConfig(r=16, target_modules=TARGETS),
+        "randlora": RandLoraConfig(r=8, target_modules=TARGETS),
+    }
+
+
+def train_with_peft(base_folder, folder, config, steps=4):
+    """A few AdamW steps of PEFT itself on random tokens, then save_pretrained."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32), config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(1))
+    for step in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        if hasattr(model.base_model, "update_and_allocate"):  # AdaLoRA's budget
+            model.base_model.update_and_allocate(step)
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    return folder
+
+
+def logits(model, tokenizer):
+    with torch.no_grad():
+        return [model(**tokenizer(p, return_tensors="pt")).logits[0].float() for p in PROMPTS]
+
+
+def peft_logits(base_folder, peft_folder):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, peft_folder).eval()
+    return logits(model, AutoTokenizer.from_pretrained(base_folder))
+
+
+def assert_same(got, expected):
+    for g, e in zip(got, expected):
+        assert (g - e).abs().max() < 1e-4 * max(1.0, float(e.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["lora", "rslora+patterns", "dora", "adalora", "vera", "randlora"])
+def test_peft_trained_adapter_evaluates_and_merges_with_peft_logits(kind, tiny_base, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lrft.adapter_folder import AdapterFolder
+    from lrft.merge import run_merge
+
+    folder = train_with_peft(tiny_base, tmp_path / "peft", peft_configs()[kind])
+    if kind == "adalora":
+        assert json.loads((folder / "adapter_config.json").read_text())["rank_pattern"], "PEFT did not prune"
+    expected = peft_logits(tiny_base, folder)
+    adapter = AdapterFolder.read(folder)
+    assert adapter.format == "peft"
+    model, _ = adapter.load_model(torch.device("cpu"))
+    assert_same(logits(model, AutoTokenizer.from_pretrained(tiny_base)), expected)  # what `lrft eval --adapter` runs
+
+    report = run_merge(folder, tmp_path / "merged", dtype="float32")
+    assert report["verification"]["passed"] and report["adapter_format"] == "peft"
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert_same(logits(merged, AutoTokenizer.from_pretrained(tmp_path / "merged")), expected)
+
+
+def test_lrft_eval_takes_a_peft_adapter(tiny_base, tmp_path):
+    from typer.testing import CliRunner
+
+    from lrft.cli import app
+
+    folder = train_with_peft(tiny_base, tmp_path / "peft", peft_configs()["randlora"], steps=1)
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, [
+        "eval", "--adapter", str(folder), "--data", "lrft/samples/commonsense/dev", "--tasks", "boolq",
+        "--limit", "2", "--mode", "loglik", "--output", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["tasks"]["boolq"]["n"] == 2
+
+
+@pytest.mark.parametrize("kind", ["lora", "rmlora", "dora", "adalora", "vera", "randlora"])
+def test_export_then_import_keeps_every_layers_delta(kind, tiny_base, tmp_path):
+    """An lrft adapter exported to PEFT and read back is the same adapter: same type (RM-LoRA comes back
+    as the LoRA it is outside training), same ΔW in every layer."""
+    from lrft.adapter_folder import AdapterFolder, base_record, save_adapter
+    from lrft.adapters import get_adapter
+    from lrft.inject import inject_adapters
+    from lrft.model import Dtypes, load_base_model
+    from lrft.peft_format import EXPORTERS, export_peft
+    from lrft.recipe import ModelSection, QuantizationSection
+
+    assert kind in EXPORTERS
+    model_section, quant = ModelSection(name_or_path=str(tiny_base), dtype="float32"), QuantizationSection(bits=None)
+    model = load_base_model(model_section, quant, torch.device("cpu"))
+    # RandLoRA: PEFT shares one pair of bases, so one layer shape (lrft refuses several on export)
+    targets = ["q_proj", "o_proj"] if kind == "randlora" else TARGETS
+    config = get_adapter(kind).config(type=kind, target_modules=targets, **options_for(kind))
+    layers = inject_adapters(model, config)
+    for layer in layers.values():
+        randomize_trainables(layer, scale=0.1)
+    save_adapter(tmp_path / "lrft", layers, config, base_record(model_section, quant, Dtypes.resolve(model_section, quant, torch.device("cpu"))))
+    original = AdapterFolder.read(tmp_path / "lrft")
+    export_peft(original, tmp_path / "peft")
+    imported = AdapterFolder.read(tmp_path / "peft")
+    assert imported.config.type == ("lora" if kind == "rmlora" else kind) and set(imported.layer_shapes) == set(layers)
+    if kind == "dora":
+        _, reloaded = imported.load_model(torch.device("cpu"))
+    with torch.no_grad():
+        for name, layer in layers.items():
+            rebuilt = reloaded[name] if kind == "dora" else imported.layer(name)
+            torch.testing.assert_close(rebuilt.delta_weight(), layer.delta_weight(), atol=1e-6, rtol=1e-5)
