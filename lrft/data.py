@@ -1,27 +1,54 @@
-"""Training data: formats, prompt templates, tokenization, loss masking, batching and data order.
+"""Training data: formats, chat templates, tokenization, loss masking, packing, batching and data order.
 
-Formats
--------
-``commonsense``: the LLM-Adapters instruction format (``instruction``, ``input``, ``output``, ``answer``)
-with its exact training template, whitespace included (see docs/data.md and PROTOCOL.md of the
-commonsense data). ``alpaca``: Stanford Alpaca's template (``instruction``, ``input``, ``output``).
+Formats (``data.format``)
+-------------------------
+``commonsense``: the LLM-Adapters instruction format (``instruction``, ``input``, ``output``) with its exact
+training template, whitespace included (PROTOCOL.md of the commonsense data). ``alpaca``: Stanford Alpaca's
+template. Both follow the published runs: the tokenizer adds BOS as it normally does; EOS is appended only
+when the sequence is shorter than ``cutoff_len``; labels are the input ids unless ``train_on_inputs`` is
+false, which masks the prompt.
 
-Tokenization follows the published runs: the tokenizer adds BOS as it normally does; EOS is appended
-only when the tokenized sequence is shorter than ``cutoff_len``; labels equal the input ids unless
-``train_on_inputs`` is false, in which case the prompt's tokens are masked with -100.
+``completion``: ``{prompt, completion}``; prompt and completion are tokenized apart and joined (so the model
+is trained on exactly the prompt ids inference sends), EOS appended; loss on the completion only unless
+``train_on_inputs``.
+
+``messages``: a conversation, OpenAI style (``messages: [{role, content}]``) or ShareGPT style
+(``conversations: [{from, value}]``, human/gpt/system), rendered with the tokenizer's chat template (or
+``data.chat_template``) by :func:`render_chat`, the one function training and inference share. The loss
+covers ``data.train_on``: every assistant turn (default), the last one, or all tokens. An assistant turn's
+tokens are found by rendering the conversation up to it with the generation prompt and up to its end,
+and taking what lies between: both renderings must be token prefixes of the whole conversation, which
+also guarantees that the prompt training sees before each turn is exactly what inference sends (the
+turn's end-of-turn token is in the span). A template that does not render prefixes stably is refused,
+naming the record.
+
+Records with no target token left (all masked, or truncated before the first) are skipped and counted.
+
+Packing (``data.packing``)
+--------------------------
+Examples are packed into rows of at most ``cutoff_len`` tokens, best-fit decreasing (deterministic, so a
+resume sees the same rows); the row is then the unit of ``batch_size`` and ``micro_batch_size``. Within a
+row, position ids restart at 0 for every example and attention is block-diagonal causal, so no token sees
+another example: a 4D mask for SDPA and eager attention, position ids alone for FlashAttention-2 (whose
+variable-length kernel reads the boundaries from them). Each example's first label is ignored, as the
+shift by one ignores it unpacked, so the loss is over the same tokens. ``data.group_by_length`` instead
+keeps examples whole and puts examples of similar length in the same micro-batches.
 """
 
 from __future__ import annotations
 
+import json
+from bisect import bisect_left, insort
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 
 from .errors import UserError
 
 IGNORE_INDEX = -100
+FORMATS = ("commonsense", "alpaca", "completion", "messages")
 
 # LLM-Adapters finetune.py templates (training). The odd indentation is part of the published format.
 COMMONSENSE_TRAIN = (
@@ -67,8 +94,6 @@ ALPACA_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
 )
 
-REQUIRED_FIELDS = ("instruction", "output")
-
 
 def training_text(record: dict, fmt: str, with_output: bool = True) -> str:
     """The full training text of a record, or only its prompt part (``with_output=False``)."""
@@ -87,7 +112,9 @@ def eval_prompt(instruction: str) -> str:
     return COMMONSENSE_EVAL.format(instruction=instruction)
 
 
-# --- reading files ----------------------------------------------------------------------------------
+
+
+# --- reading files ------------------------------------------------------------------------------------
 
 
 def _files_in(path: Path) -> list[Path]:
@@ -114,48 +141,74 @@ def check_data_source(path_or_id: str) -> None:
         raise _missing_file_error(path_or_id)
 
 
+def _read_json_file(path: Path) -> list[Any]:
+    """A JSON list of records or JSON lines, parsed as written (no schema inference: the record numbers in
+    error messages are the file's own)."""
+    text = path.read_text()
+    if not text.strip():
+        raise UserError(f"data file {path} is empty; give a file with training records")
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"data file {path} is not valid JSON ({exc}); fix or re-export it") from None
+        return data
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise UserError(f"data file {path}, line {number}: not valid JSON ({exc.msg}); fix or re-export the file") from None
+    return records
+
+
 def read_records(path_or_id: str) -> list[dict]:
-    """Records from a local file or folder (through the ``datasets`` library) or a hub dataset id."""
+    """Records from a local .json / .jsonl file or folder, a .parquet file or folder (``datasets``), or a
+    hub dataset id."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        files = _files_in(path) if path.is_dir() else [path]
+        kinds = {f.suffix for f in files}
+        if len(kinds) > 1 and kinds != {".json", ".jsonl"}:
+            raise UserError(f"data folder {path} mixes {', '.join(sorted(kinds))} files; keep one format")
+        if ".parquet" not in kinds:
+            return [record for f in files for record in _read_json_file(f)]
+    else:
+        check_data_source(path_or_id)
+        files = None
     import datasets
 
     datasets.disable_progress_bars()
-    path = Path(path_or_id).expanduser()
     try:
-        if path.exists():
-            files = _files_in(path) if path.is_dir() else [path]
-            kinds = {f.suffix for f in files}
-            if len(kinds) > 1:
-                raise UserError(f"data folder {path} mixes {', '.join(sorted(kinds))} files; keep one format")
-            builder = "parquet" if ".parquet" in kinds else "json"
-            if builder == "json" and path.is_file() and path.stat().st_size == 0:
-                raise UserError(f"data file {path} is empty; give a file with training records")
-            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+        if files is not None:
+            ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
         else:
-            check_data_source(path_or_id)
             ds = datasets.load_dataset(path_or_id, split="train")
-    except UserError:
-        raise
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds for unreadable input
         raise UserError(f"cannot read data {path_or_id}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     return [dict(r) for r in ds]
 
 
-def check_records(records: list[dict], source: str) -> None:
-    if not records:
-        raise UserError(f"data {source} holds no records; give a file with at least one training record")
-    for i, record in enumerate(records):
-        missing = [f for f in REQUIRED_FIELDS if not isinstance(record.get(f), str)]
-        if missing:
-            raise UserError(
-                f"data {source}, record {i + 1}: missing or non-text field(s) {', '.join(missing)}; "
-                "each record needs instruction and output (input optional)"
-            )
+# --- one record -> one example ----------------------------------------------------------------------------
 
 
-# --- tokenization -------------------------------------------------------------------------------------
+class RecordError(UserError):
+    """A bad record; the loader adds which file and record."""
+
+
+def _text_fields(record: Any, fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    if not isinstance(record, dict):
+        raise RecordError(f"is a JSON {type(record).__name__}, not an object with {', '.join(fields)}")
+    missing = [f for f in fields if not isinstance(record.get(f), str)]
+    missing += [f for f in optional if record.get(f) is not None and not isinstance(record.get(f), str)]
+    if missing:
+        raise RecordError(f"missing or non-text field(s) {', '.join(missing)}; each record needs {', '.join(fields)}")
 
 
 def tokenize_record(record: dict, tokenizer, fmt: str, cutoff_len: int, train_on_inputs: bool) -> dict:
+    """A commonsense or alpaca record as the published runs tokenize it."""
+    _text_fields(record, ("instruction", "output"), ("input",))
     text = training_text(record, fmt)
     ids = tokenizer(text, truncation=True, max_length=cutoff_len, add_special_tokens=True)["input_ids"]
     if ids and ids[-1] != tokenizer.eos_token_id and len(ids) < cutoff_len:
@@ -168,8 +221,104 @@ def tokenize_record(record: dict, tokenizer, fmt: str, cutoff_len: int, train_on
     return {"input_ids": ids, "labels": labels}
 
 
+def tokenize_completion(record: dict, tokenizer, cutoff_len: int, train_on_inputs: bool) -> dict:
+    _text_fields(record, ("prompt", "completion"))
+    prompt = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
+    completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (prompt + completion)[:cutoff_len]
+    labels = (list(prompt) if train_on_inputs else [IGNORE_INDEX] * len(prompt)) + completion
+    return {"input_ids": ids, "labels": labels[:cutoff_len]}
+
+
+# ShareGPT's speaker names and OpenAI's roles
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+
+
+def conversation(record: Any) -> list[dict[str, str]]:
+    """The record's messages as [{role, content}] with OpenAI roles (from either form)."""
+    if not isinstance(record, dict) or not isinstance(record.get("messages", record.get("conversations")), list):
+        raise RecordError("has no list field messages (OpenAI form) or conversations (ShareGPT form)")
+    sharegpt = "messages" not in record
+    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+    messages = []
+    for turn, item in enumerate(record["conversations" if sharegpt else "messages"], 1):
+        if not isinstance(item, dict):
+            raise RecordError(f"turn {turn} is not an object with {role_key} and {content_key}")
+        role = ROLES.get(item.get(role_key)) if isinstance(item.get(role_key), str) else None
+        if role is None:
+            raise RecordError(
+                f"turn {turn} has {role_key} {item.get(role_key)!r}; use one of {', '.join(ROLES)}"
+            )
+        if not isinstance(item.get(content_key), str):
+            raise RecordError(f"turn {turn}'s {content_key} is not text; give each turn its text as a string")
+        messages.append({"role": role, "content": item[content_key]})
+    if not messages:
+        raise RecordError("is an empty conversation")
+    return messages
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, template: Optional[str] = None) -> list[int]:
+    """Token ids of ``messages`` rendered with the chat template (``template`` overrides the tokenizer's):
+    the one rendering that training, ``lrft generate`` and ``lrft chat`` share."""
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+        )
+    except TemplateError as exc:
+        raise RecordError(f"is rejected by the chat template ({exc}); fix the conversation or set data.chat_template") from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_conversation(messages: list[dict], tokenizer, template: Optional[str], cutoff_len: int, train_on: str) -> dict:
+    full = render_chat(tokenizer, messages, False, template)
+    if train_on == "all":
+        labels = list(full)
+    else:
+        labels = [IGNORE_INDEX] * len(full)
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        for i in turns[-1:] if train_on == "last_assistant" else turns:
+            before = render_chat(tokenizer, messages[:i], True, template)
+            after = render_chat(tokenizer, messages[: i + 1], False, template)
+            if full[: len(before)] != before or full[: len(after)] != after:
+                raise RecordError(
+                    f"is not rendered stably by the chat template: the conversation up to assistant turn {i + 1} is "
+                    "not a token prefix of the whole, so its tokens cannot be found; set data.chat_template to a "
+                    "template that renders prefixes stably, or data.train_on: all"
+                )
+            labels[len(before) : len(after)] = full[len(before) : len(after)]
+    return {"input_ids": full[:cutoff_len], "labels": labels[:cutoff_len]}
+
+
+def chat_template(section, tokenizer, model_name: str) -> Optional[str]:
+    """The template ``data.format: messages`` renders with: ``data.chat_template`` (a file or a Jinja string)
+    or the tokenizer's own."""
+    value = section.chat_template
+    if value is None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                f"data.format=messages needs a chat template and the tokenizer of {model_name} has none; set "
+                "data.chat_template to a .jinja file or a Jinja string"
+            )
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text()
+    if "{{" in value or "{%" in value:
+        return value
+    raise UserError(f"data.chat_template {value!r} is neither a file nor a Jinja template; give a .jinja file or a template string")
+
+
+def has_targets(example: dict) -> bool:
+    """Whether any label survives the shift by one (the first label is never predicted)."""
+    return any(t != IGNORE_INDEX for t in example["labels"][1:])
+
+
 def check_cutoff(tokenizer, fmt: str, cutoff_len: int) -> None:
     """Refuse a cutoff that cannot hold even the empty template: every label would be cut off."""
+    if fmt not in ("commonsense", "alpaca"):
+        return
     empty = training_text({"instruction": "", "input": "", "output": ""}, fmt)
     n = len(tokenizer(empty)["input_ids"])
     if cutoff_len <= n:
@@ -181,29 +330,104 @@ def check_cutoff(tokenizer, fmt: str, cutoff_len: int) -> None:
 
 @dataclass
 class TokenizedData:
-    train: list[dict]
+    train: list[dict]  # examples, or packed rows with data.packing
     val: list[dict]
+    skipped: int = 0  # records without a target token
+    examples: int = 0  # training examples before packing
 
 
-def load_training_data(section, tokenizer, seed: int) -> TokenizedData:
+class Tokenizer:
+    """One record -> one example (or None when no token is left to learn from) for ``data.format``."""
+
+    def __init__(self, section, tokenizer, model_name: str):
+        self.section, self.tokenizer = section, tokenizer
+        self.template = chat_template(section, tokenizer, model_name) if section.format == "messages" else None
+
+    def __call__(self, record: Any) -> Optional[dict]:
+        s, tok = self.section, self.tokenizer
+        if s.format == "messages":
+            example = tokenize_conversation(conversation(record), tok, self.template, s.cutoff_len, s.train_on)
+        elif s.format == "completion":
+            example = tokenize_completion(record, tok, s.cutoff_len, s.train_on_inputs)
+        else:
+            example = tokenize_record(record, tok, s.format, s.cutoff_len, s.train_on_inputs)
+        return example if has_targets(example) else None
+
+
+def load_training_data(section, tokenizer, seed: int, model_name: str = "the model") -> TokenizedData:
     records = read_records(section.path)
-    check_records(records, section.path)
+    if not records:
+        raise UserError(f"data {section.path} holds no records; give a file with at least one training record")
     check_cutoff(tokenizer, section.format, section.cutoff_len)
     if section.max_samples:
         records = records[: section.max_samples]
-    val: list[dict] = []
+    numbers = list(range(len(records)))
+    val_numbers: list[int] = []
     if section.val_size:
         if section.val_size >= len(records):
             raise UserError(
                 f"data.val_size={section.val_size} leaves no training records (the data has {len(records)}); lower it"
             )
         order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-        val = [records[i] for i in order[: section.val_size]]
-        records = [records[i] for i in sorted(order[section.val_size :])]
-    tok = lambda rs: [  # noqa: E731
-        tokenize_record(r, tokenizer, section.format, section.cutoff_len, section.train_on_inputs) for r in rs
-    ]
-    return TokenizedData(train=tok(records), val=tok(val))
+        val_numbers, numbers = order[: section.val_size], sorted(order[section.val_size :])
+    tokenize = Tokenizer(section, tokenizer, model_name)
+
+    def examples(indices: list[int]) -> list[dict]:
+        out = []
+        for i in indices:
+            try:
+                example = tokenize(records[i])
+            except RecordError as exc:
+                raise UserError(f"data {section.path}, record {i + 1} {exc}") from None
+            if example is not None:
+                out.append(example)
+        return out
+
+    train, val = examples(numbers), examples(val_numbers)
+    skipped = len(numbers) + len(val_numbers) - len(train) - len(val)
+    if not train:
+        raise UserError(
+            f"data {section.path}: none of its {len(numbers)} training records has a token to learn from "
+            f"(data.train_on / train_on_inputs masks them all, or cutoff_len={section.cutoff_len} cuts them off); "
+            "check the format and raise data.cutoff_len"
+        )
+    count = len(train)
+    if section.packing:
+        train = pack(train, section.cutoff_len)
+    return TokenizedData(train=train, val=val, skipped=skipped, examples=count)
+
+
+# --- packing --------------------------------------------------------------------------------------------
+
+
+def pack(examples: list[dict], cutoff_len: int) -> list[dict]:
+    """Best-fit decreasing into rows of at most ``cutoff_len`` tokens. Each row holds ``input_ids``,
+    ``labels`` (each example's first label ignored: nothing predicts it, as unpacked) and ``position_ids``
+    restarting at 0 per example. Deterministic: ties break by the examples' order."""
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row), sorted
+    for i in order:
+        size = len(examples[i]["input_ids"])
+        at = bisect_left(free, (size, -1))
+        if at < len(free):
+            room, row = free.pop(at)
+        else:
+            room, row = cutoff_len, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        if room - size > 0:
+            insort(free, (room - size, row))
+    packed = []
+    for members in rows:
+        ids, labels, positions = [], [], []
+        for i in members:
+            example = examples[i]
+            ids += example["input_ids"]
+            labels += [IGNORE_INDEX] + example["labels"][1:]
+            positions += range(len(example["input_ids"]))
+        packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    return packed
 
 
 # --- order and batching -------------------------------------------------------------------------------
@@ -213,24 +437,44 @@ class DataOrder:
     """A deterministic, resumable stream of example indices: epoch e is a permutation seeded by
     (seed, e); optimizer step s takes items [s·B, (s+1)·B) of the concatenated epochs. The position
     is a pure function of the step, so resuming needs only the step number, and every process of a
-    distributed run sees the same global batch and takes its own slice."""
+    distributed run sees the same global batch and takes its own slice.
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int, shuffle: bool = True):
+    With ``lengths`` (``data.group_by_length``), each epoch's permutation is cut into chunks of 32 global
+    batches, each chunk sorted by length (longest first) and cut into global batches, and the batches
+    are shuffled: every micro-batch (a contiguous slice of a global batch) holds examples of similar length.
+    """
+
+    GROUP_CHUNK = 32  # global batches per length-sorted chunk
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, shuffle: bool = True, lengths: Optional[list[int]] = None):
         self.n = num_examples
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.lengths = lengths
         self._perms: dict[int, list[int]] = {}
 
     def _epoch(self, e: int) -> list[int]:
         if e not in self._perms:
             if self.shuffle:
                 g = torch.Generator().manual_seed(self.seed * 100_003 + e)
-                self._perms[e] = torch.randperm(self.n, generator=g).tolist()
+                perm = torch.randperm(self.n, generator=g).tolist()
             else:
-                self._perms[e] = list(range(self.n))
+                perm = list(range(self.n))
+            if self.lengths is not None:
+                perm = self._grouped(perm, e)
+            self._perms[e] = perm
             self._perms.pop(e - 2, None)
         return self._perms[e]
+
+    def _grouped(self, perm: list[int], e: int) -> list[int]:
+        chunk, batch = self.GROUP_CHUNK * self.batch_size, self.batch_size
+        by_length = []
+        for start in range(0, len(perm), chunk):
+            by_length += sorted(perm[start : start + chunk], key=lambda i: -self.lengths[i])
+        batches = [by_length[i : i + batch] for i in range(0, len(by_length), batch)]
+        g = torch.Generator().manual_seed(self.seed * 100_003 + e + 7_919)
+        return [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
 
     def global_batch(self, step: int) -> list[int]:
         start = step * self.batch_size
@@ -243,18 +487,47 @@ class DataOrder:
         return step * self.batch_size / self.n
 
 
-def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; padding positions are masked in attention and ignored in the loss."""
+def collate(examples: list[dict], pad_id: int, attention: str = "sdpa", mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch; padding is ignored in the loss. Unpacked examples get a 2D attention mask.
+    Packed rows (with ``position_ids``) get their position ids and, unless ``attention`` is
+    ``flash_attention_2`` (which reads the boundaries from the position ids), a 4D block-diagonal causal
+    mask: bool for SDPA, additive in ``mask_dtype`` for eager attention. The padding at a row's end is a
+    segment of its own, so it changes no real token."""
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[i, :n] = torch.tensor(e["input_ids"])
         labels[i, :n] = torch.tensor(e["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    batch = {"input_ids": ids, "labels": labels}
+    if "position_ids" not in examples[0]:
+        batch["attention_mask"] = (torch.arange(width) < torch.tensor([len(e["input_ids"]) for e in examples]).unsqueeze(1)).long()
+        return batch
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["position_ids"])
+        positions[i, :n] = torch.tensor(e["position_ids"])
+        positions[i, n:] = torch.arange(width - n)  # the padding: one more segment
+    batch["position_ids"] = positions
+    if attention != "flash_attention_2":
+        batch["attention_mask"] = block_causal_mask(positions, attention, mask_dtype)
+    return batch
+
+
+def block_causal_mask(positions: torch.Tensor, attention: str, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, 1, L, L): query q may see key k iff k <= q in the same segment (a new segment starts where the
+    position id does not follow the previous one)."""
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    segment = starts.long().cumsum(-1)
+    width = positions.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = (segment.unsqueeze(2) == segment.unsqueeze(1)) & causal
+    allowed = allowed.unsqueeze(1)
+    if attention == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return allowed
 
 
 def micro_batches(examples: list[dict], micro_batch_size: int) -> Iterator[list[dict]]:
@@ -265,3 +538,14 @@ def micro_batches(examples: list[dict], micro_batch_size: int) -> Iterator[list[
 def target_tokens(examples: list[dict]) -> int:
     """Tokens that contribute to the loss (labels shifted by one, as the model predicts the next token)."""
     return sum(sum(1 for t in e["labels"][1:] if t != IGNORE_INDEX) for e in examples)
+
+
+def padded_tokens(examples: list[dict], processes: int, micro_batch_size: int) -> int:
+    """Tokens the forward passes of a global batch compute, padding included (each micro-batch is padded to
+    its longest member)."""
+    per_process = len(examples) // processes
+    total = 0
+    for rank in range(processes):
+        for chunk in micro_batches(examples[rank * per_process : (rank + 1) * per_process], micro_batch_size):
+            total += len(chunk) * max(len(e["input_ids"]) for e in chunk)
+    return total

@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .data import IGNORE_INDEX, check_records, collate, eval_prompt, micro_batches, read_records, target_tokens, tokenize_record
+from .data import IGNORE_INDEX, RecordError, collate, eval_prompt, micro_batches, read_records, target_tokens, tokenize_record
 from .errors import UserError
 from .io import write_json_atomic, write_text_atomic
 
@@ -474,9 +474,11 @@ class _progress:
 
 def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The cross-entropy summed over a batch's target tokens (each position predicts the next token's
-    label; -100 labels and padding count for nothing), in float32. Divide by the target-token count of
+    label; -100 labels and padding count for nothing), in float32 (or the logits' dtype when wider). Divide by the target-token count of
     whatever the mean is over (a micro-batch, a global batch, a validation split)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+    logits = model(**inputs, use_cache=False).logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # 16-bit logits upcast for the loss
     labels = batch["labels"][:, 1:]
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
@@ -507,10 +509,15 @@ def mean_token_loss(
 def evaluate_loss_file(model, tokenizer, data: Union[str, Path], limit: Optional[int] = None, batch_size: int = 8) -> dict:
     """Mean token loss (over target tokens) and perplexity on a commonsense-format file, tokenized as
     the trainer does by default (cutoff 256, loss on prompt tokens too)."""
-    records = read_records(str(data))
-    check_records(records, str(data))
-    records = records[:limit]
-    examples = [tokenize_record(r, tokenizer, "commonsense", LOSS_CUTOFF, train_on_inputs=True) for r in records]
+    records = read_records(str(data))[:limit]
+    if not records:
+        raise UserError(f"data {data} holds no records; give a file with at least one training record")
+    examples = []
+    for number, record in enumerate(records, 1):
+        try:
+            examples.append(tokenize_record(record, tokenizer, "commonsense", LOSS_CUTOFF, train_on_inputs=True))
+        except RecordError as exc:
+            raise UserError(f"data {data}, record {number} {exc}") from None
     examples.sort(key=lambda e: -len(e["input_ids"]))  # less padding
     started = time.perf_counter()
     loss, count = mean_token_loss(model, examples, batch_size, _pad_id(tokenizer), _model_device(model))

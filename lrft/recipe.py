@@ -48,12 +48,29 @@ class QuantizationSection(Section):
 
 class DataSection(Section):
     path: str = Field(..., description="a .json/.jsonl/.parquet file, a folder of them, or a hub dataset id")
-    format: Literal["commonsense", "alpaca"] = "commonsense"
+    format: Literal["commonsense", "alpaca", "completion", "messages"] = "commonsense"
     cutoff_len: int = Field(256, ge=8)
-    train_on_inputs: bool = True
+    train_on_inputs: bool = Field(True, description="loss on the prompt too (commonsense, alpaca: true as published; completion: false)")
+    train_on: Literal["assistant", "last_assistant", "all"] = Field("assistant", description="messages: which tokens carry loss")
+    chat_template: Optional[str] = Field(None, description="messages: a .jinja file or Jinja string instead of the tokenizer's")
+    packing: bool = Field(False, description="pack examples into rows of cutoff_len tokens (rows are then the batch unit)")
+    group_by_length: bool = Field(False, description="unpacked runs: micro-batches of similar lengths")
     val_size: int = Field(0, ge=0)
     shuffle: bool = True
     max_samples: Optional[int] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _options_fit_the_format(self):
+        chat_only = [k for k in ("train_on", "chat_template") if k in self.model_fields_set]
+        if self.format != "messages" and chat_only:
+            raise ValueError(f"data.{chat_only[0]} applies to data.format: messages only; remove it or change the format")
+        if self.format == "messages" and "train_on_inputs" in self.model_fields_set:
+            raise ValueError("data.train_on_inputs does not apply to data.format: messages; use data.train_on (assistant, last_assistant or all)")
+        if self.format == "completion" and "train_on_inputs" not in self.model_fields_set:
+            self.train_on_inputs = False  # completions are trained on the completion by default
+        if self.packing and self.group_by_length:
+            raise ValueError("data.group_by_length applies to unpacked runs; packing already leaves no padding: drop one")
+        return self
 
 
 class TrainingSection(Section):
@@ -63,6 +80,9 @@ class TrainingSection(Section):
     batch_size: int = Field(16, gt=0, description="examples per optimizer step (all processes together)")
     micro_batch_size: int = Field(4, gt=0)
     learning_rate: float = Field(1e-4, gt=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="torch AdamW, or bitsandbytes' 8-bit AdamW (paged: CUDA only), QLoRA's setting"
+    )
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(100, ge=0)

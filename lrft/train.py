@@ -30,13 +30,13 @@ from . import __version__
 from .adapter_folder import base_record, save_adapter
 from .adapters import get_adapter
 from .checkpoint import check_resume, checkpoints, planned_steps, read_checkpoint, restore_checkpoint, save_checkpoint, seed_everything
-from .data import DataOrder, TokenizedData, collate, load_training_data, micro_batches, target_tokens
+from .data import DataOrder, TokenizedData, collate, load_training_data, micro_batches, padded_tokens, target_tokens
 from .distributed import agree, clip_grad_norm, fsdp_own_units, fsdp_requested_without_fsdp, is_fsdp, make_accelerator, whole_adapter
 from .errors import TrainingDiverged, UserError
 from .evaluate import mean_token_loss, summed_token_loss
 from .inject import count_trainable, inject_adapters, load_adapter_state_dict, trainable_parameters
 from .io import atomic_dir, write_json_atomic, write_text_atomic
-from .model import Dtypes, load_base_model, load_tokenizer
+from .model import Dtypes, check_bitsandbytes, load_base_model, load_tokenizer
 from .recipe import Recipe, dump_recipe
 
 
@@ -61,6 +61,8 @@ class Run:
     scheduler: Any
     base_record: dict  # what adapter folders record about the base (lrft.adapter_folder.base_record)
     started: float  # time.time() at the start
+    attention: str = "sdpa"  # the model's attention implementation: how packed rows are masked
+    mask_dtype: torch.dtype = torch.float32  # of an additive (eager) attention mask
     info: dict = field(default_factory=dict)  # run.json
     step: int = 0
     best_val: Optional[float] = None
@@ -81,7 +83,8 @@ class StepResult:
     extra_loss: float  # the controller's regularisers, per micro-batch mean
     grad_norm: Optional[float]
     lr: float
-    tokens: int  # of the global batch
+    tokens: int  # real (not padding) tokens of the global batch
+    pad_fraction: float  # of the tokens the forward passes computed
     seconds: float
 
 
@@ -122,7 +125,12 @@ def setup(recipe: Recipe, resume: bool, overwrite: bool, extend_schedule: bool) 
     # process tokenizes the whole set and follows the same global order: it needs the target-token count of
     # the whole global batch for the loss normalisation, and slices out its own examples.
     tokenizer = load_tokenizer(recipe.model.name_or_path)
-    data = load_training_data(recipe.data, tokenizer, recipe.training.seed)
+    data = load_training_data(recipe.data, tokenizer, recipe.training.seed, recipe.model.name_or_path)
+    if data.skipped:
+        console.print(
+            f"[yellow]warning:[/yellow] {data.skipped} of {data.skipped + data.examples + len(data.val)} records have no "
+            "token to learn from (masked or cut off at data.cutoff_len) and are skipped", highlight=False,
+        )
     state = read_checkpoint(resume_from) if resume_from else None
     extension = check_resume(state, recipe, len(data.train), extend_schedule) if state else None
     total_steps = planned_steps(recipe.resolved(), len(data.train))
@@ -130,11 +138,13 @@ def setup(recipe: Recipe, resume: bool, overwrite: bool, extend_schedule: bool) 
     dtypes = Dtypes.resolve(recipe.model, recipe.quantization, accelerator.device)
     model, layers, controller, n_trainable = setup_model(recipe, accelerator, dtypes, total_steps, state)
     params, optimizer, base_optimizer, scheduler = setup_optimizer(recipe, accelerator, layers, total_steps)
+    lengths = [len(e["input_ids"]) for e in data.train] if recipe.data.group_by_length else None
     run = Run(
         recipe, accelerator, console, output_dir, tokenizer, data,
-        DataOrder(len(data.train), recipe.training.batch_size, recipe.training.seed, recipe.data.shuffle),
+        DataOrder(len(data.train), recipe.training.batch_size, recipe.training.seed, recipe.data.shuffle, lengths),
         total_steps, model, layers, controller, params, optimizer, base_optimizer, scheduler,
         base_record(recipe.model, recipe.quantization, dtypes), started=started,
+        attention=accelerator.unwrap_model(model).config._attn_implementation, mask_dtype=dtypes.load,
     )
     run.info = run_info(run, mixed, dtypes, n_trainable, state, extension)
     if state is not None:
@@ -204,12 +214,13 @@ def setup_model(recipe: Recipe, accelerator, dtypes: Dtypes, total_steps: int, s
 
 
 def setup_optimizer(recipe: Recipe, accelerator, layers: dict, total_steps: int):
-    """AdamW over the adapter's parameters as the wrapped model holds them (FSDP replaces their storage),
-    prepared so that fp16's gradient scaler unscales and skips overflowing steps; the schedule drives the
-    plain optimizer (a prepared one would step once per process)."""
+    """AdamW (``training.optimizer``) over the adapter's parameters as the wrapped model holds them (FSDP
+    replaces their storage), prepared so that fp16's gradient scaler unscales and skips overflowing steps;
+    the schedule drives the plain optimizer (a prepared one would step once per process)."""
     tcfg = recipe.training
     params = trainable_parameters(layers)
-    base_optimizer = torch.optim.AdamW(params, lr=tcfg.learning_rate, betas=tcfg.adam_betas, weight_decay=tcfg.weight_decay)
+    kind = optimizer_class(tcfg.optimizer, accelerator.device)
+    base_optimizer = kind(params, lr=tcfg.learning_rate, betas=tcfg.adam_betas, weight_decay=tcfg.weight_decay)
     optimizer = accelerator.prepare(base_optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(tcfg.lr_scheduler, tcfg.warmup_steps, total_steps))
     return params, optimizer, base_optimizer, scheduler
@@ -230,7 +241,9 @@ def run_info(run: Run, mixed: str, dtypes: Dtypes, n_trainable: int, state: Opti
         "dtypes": dtypes.as_json(),  # what "auto" resolved to on this device
         "trainable_parameters": n_trainable,
         "adapted_modules": len(run.layers),
-        "train_examples": len(run.data.train),
+        "train_examples": run.data.examples,
+        "packed_rows": len(run.data.train) if run.recipe.data.packing else None,
+        "skipped_records": run.data.skipped,
         "val_examples": len(run.data.val),
         "total_steps": run.total_steps,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -251,8 +264,8 @@ def start_records(run: Run) -> None:
     run.metrics_path.write_text("".join(line + "\n" for line in kept))
     run.console.print(
         f"{run.recipe.adapter.type}: {len(run.layers)} modules, {run.info['trainable_parameters']:,} trainable parameters; "
-        f"{len(run.data.train)} examples, {run.total_steps} steps of {run.recipe.training.batch_size} on "
-        f"{run.accelerator.device} x{run.accelerator.num_processes}"
+        f"{run.data.examples} examples{f' in {len(run.data.train)} packed rows' if run.recipe.data.packing else ''}, "
+        f"{run.total_steps} steps of {run.recipe.training.batch_size} on {run.accelerator.device} x{run.accelerator.num_processes}"
     )
 
 
@@ -274,7 +287,8 @@ def optimizer_step(run: Run) -> StepResult:
     chunks = list(micro_batches(local, tcfg.micro_batch_size))
     loss_sum, extra_sum = torch.zeros((), device=acc.device), 0.0
     for i, chunk in enumerate(chunks):
-        batch = {k: v.to(acc.device) for k, v in collate(chunk, run.tokenizer.pad_token_id).items()}
+        batch = collate(chunk, run.tokenizer.pad_token_id, run.attention, run.mask_dtype)
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
         sync = i == len(chunks) - 1  # gradients are all-reduced once, after the last micro-batch
         with (nullcontext() if sync or world == 1 else acc.no_sync(run.model)), acc.autocast():
             token_loss = summed_token_loss(run.model, batch)
@@ -310,8 +324,9 @@ def optimizer_step(run: Run) -> StepResult:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    tokens = sum(len(e["input_ids"]) for e in examples)  # the global batch's, as the loss
-    return StepResult(step_loss if finite else None, extra_sum, grad_norm, lr, tokens, time.time() - started)
+    tokens = sum(len(e["input_ids"]) for e in examples)  # real tokens of the global batch, as the loss
+    pad_fraction = 1.0 - tokens / padded_tokens(examples, world, tcfg.micro_batch_size)
+    return StepResult(step_loss if finite else None, extra_sum, grad_norm, lr, tokens, pad_fraction, time.time() - started)
 
 
 # --- after a step ---------------------------------------------------------------------------------------
@@ -328,6 +343,7 @@ def after_step(run: Run, result: StepResult, stop_requested: bool) -> bool:
         "loss": result.loss,
         "lr": result.lr,
         "tokens_per_s": result.tokens / result.seconds,
+        "pad_fraction": round(result.pad_fraction, 4),
         "step_time_s": result.seconds,
         "peak_mem_mb": peak_mb,  # the largest over processes
     }
@@ -395,6 +411,22 @@ def finish(run: Run) -> Path:
         run.console.print(f"adapter saved to {run.output_dir / 'adapter'}")
     acc.end_training()
     return run.output_dir / "adapter"
+
+
+def optimizer_class(name: str, device: torch.device):
+    if name == "adamw":
+        return torch.optim.AdamW
+    check_bitsandbytes(8)
+    import bitsandbytes as bnb
+
+    if name == "paged_adamw_8bit":
+        if device.type != "cuda":
+            raise UserError(
+                "training.optimizer=paged_adamw_8bit pages optimizer state between GPU and CPU memory and needs CUDA; "
+                "use adamw_8bit on this device"
+            )
+        return bnb.optim.PagedAdamW8bit
+    return bnb.optim.AdamW8bit
 
 
 # --- small helpers -----------------------------------------------------------------------------------

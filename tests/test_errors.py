@@ -7,6 +7,7 @@ process (a row with ``ENV:`` in a subprocess); ``test_a_fresh_process_prints_one
 command as a user would, in a new Python process, so that nothing printed at start-up goes unseen.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from conftest import lrft_main
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = str(ROOT / "lrft/samples/commonsense/train_500.jsonl")
 GOOD = f"data: {{path: {SAMPLE}}}\nadapter: {{type: lora, r: 4, target_modules: [q_proj]}}\n"
+CHAT = "adapter: {type: lora, r: 4, target_modules: [q_proj]}\ndata:\n  path: <chat>\n  format: messages\n"
 
 CASES = [
     ("missing recipe", None, ["train", "nope.yaml"], "does not exist"),
@@ -59,6 +61,16 @@ CASES = [
      ["train", "<recipe>", "--set", "model.name_or_path=<tiny>", "--output-dir", "<out>", "ENV:PYTHONPATH=<nobnb>"],
      "quantization.bits=4 needs a working bitsandbytes"),
     ("corrupt adapter file", None, ["eval", "--adapter", "<corrupt>", "--data", "lrft/samples/commonsense/dev", "--mode", "loglik"], "corrupt"),
+    ("conversation with an unknown role", CHAT.replace("<chat>", "<badrole>"),
+     ["train", "<recipe>", "--set", "model.name_or_path=<tiny>", "--output-dir", "<out>"], "record 2 turn 2 has role 'bot'"),
+    ("chat template neither file nor template", CHAT.replace("<chat>", "<chat>") + "  chat_template: nothing/here.jinja\n",
+     ["train", "<recipe>", "--set", "model.name_or_path=<tiny>", "--output-dir", "<out>"], "data.chat_template"),
+    ("completion record missing its field", GOOD.replace("{path: " + SAMPLE + "}", "{path: <badcompletion>, format: completion}"),
+     ["train", "<recipe>", "--set", "model.name_or_path=<tiny>", "--output-dir", "<out>"], "record 1 missing or non-text field(s) completion"),
+    ("train_on with another format", GOOD.replace("{path: " + SAMPLE + "}", "{path: " + SAMPLE + ", train_on: all}"),
+     ["train", "<recipe>"], "data.train_on applies to data.format: messages only"),
+    ("paged optimizer on the CPU", GOOD + "training: {optimizer: paged_adamw_8bit}\n",
+     ["train", "<recipe>", "--set", "model.name_or_path=<tiny>", "--output-dir", "<out>"], "needs CUDA; use adamw_8bit"),
     # damaged adapter folders: every command that reads one names the file and what is wrong
     ("adapter config not JSON (merge)", None, ["merge", "<damaged:notjson>", "--output", "<out>"], "adapter_config.json is not valid JSON"),
     ("adapter config not an object (inspect)", None, ["inspect-rank", "<damaged:list>"], "adapter_config.json"),
@@ -81,7 +93,6 @@ LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
 
 def write_damaged_adapters(root, model_dir):
     """A valid LoRA adapter folder for the tiny model, written by hand, and one damaged copy per kind."""
-    import json
 
     def write(kind, config=None, tensors=None, raw_config=None):
         folder = root / kind
@@ -147,6 +158,13 @@ def files(tmp_path, tiny_model_dir):
     )
     wrong = {"model.layers.0.self_attn.q_proj.lora_A": torch.zeros(4, 999), "model.layers.0.self_attn.q_proj.lora_B": torch.zeros(999, 4)}
     save_file(wrong, str(wrong_base / "adapter.safetensors"))
+    chat = tmp_path / "chat.jsonl"
+    bad_role = tmp_path / "badrole.jsonl"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    chat.write_text(json.dumps({"messages": turns}) + "\n")
+    bad_role.write_text(json.dumps({"messages": turns}) + "\n" + json.dumps({"messages": [turns[0], {"role": "bot", "content": "x"}]}) + "\n")
+    bad_completion = tmp_path / "badcompletion.jsonl"
+    bad_completion.write_text(json.dumps({"prompt": "2 + 2 ="}) + "\n")
     no_tasks = tmp_path / "notasks"
     no_tasks.mkdir()
     (no_tasks / "readme.txt").write_text("no task files here")
@@ -157,6 +175,7 @@ def files(tmp_path, tiny_model_dir):
     damaged = write_damaged_adapters(tmp_path / "damaged", tiny_model_dir)
     return {
         **{f"damaged:{kind}": str(folder) for kind, folder in damaged.items()},
+        "chat": str(chat), "badrole": str(bad_role), "badcompletion": str(bad_completion),
         "tiny": str(tiny_model_dir), "empty": str(empty), "badrecords": str(bad), "corrupt": str(corrupt),
         "wrongbase": str(wrong_base), "notasks": str(no_tasks), "nobnb": str(no_bnb.parent),
     }

@@ -185,11 +185,22 @@ class AdapterLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         return result + self.delta(self.dropout(x)).to(result.dtype)
 
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype of the adapter's own parameters (float32 in training; tests may run float64)."""
+        return next(iter(self._parameters.values())).dtype if self._parameters else torch.float32
+
+    def compute_dtype(self, x: Tensor) -> torch.dtype:
+        """What the adapter's matmuls run in: autocast's dtype when it is on, else the parameters' dtype."""
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.param_dtype
+
     def param_dtype_input(self, x: Tensor) -> Tensor:
         """Cast activations to the adapter's parameter dtype unless autocast decides the matmul dtype."""
-        if torch.is_autocast_enabled(x.device.type) if x.device.type != "meta" else False:
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
             return x
-        return x.to(torch.float32)
+        return x.to(self.param_dtype)
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """What is saved for this layer: trainable parameters and persistent buffers, not the base.

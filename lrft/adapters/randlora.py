@@ -230,12 +230,12 @@ class RandomBases:
 
         Sparse: only the orientations asked for are built (the other is None); each costs a pass over
         the nnz values."""
-        lambdas, gammas = lambdas.float(), gammas.float()
         if not self.sparse:
-            scaled = self.A.float().unsqueeze(0) * (gammas * scaling).unsqueeze(1)
+            scaled = self.A.to(lambdas.dtype).unsqueeze(0) * (gammas * scaling).unsqueeze(1)
             scaled.mul_(lambdas.unsqueeze(2))
             M = scaled.reshape(-1, self.small).to(dtype)
             return M, M.mT
+        lambdas, gammas = lambdas.float(), gammas.float()
         M = self._sparse_scaled(self.A_tiled, lambdas, gammas, scaling, dtype, transposed=False) if need_M else None
         M_t = (
             self._sparse_scaled(self.A_tiled_t, lambdas, gammas, scaling, dtype, transposed=True) if need_M_t else None
@@ -273,14 +273,13 @@ class RandomBases:
             )
 
     def scaling_grads(self, grad_M: Tensor, lambdas: Tensor, gammas: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
-        """(dL/dΛ, dL/dΓ) in float32 from a dense dL/dM (n·r, d).
+        """(dL/dΛ, dL/dΓ) in the parameters' dtype from a dense dL/dM (n·r, d).
 
         M[j,i,k] = scaling·Λ[j,i]·A[i,k]·Γ[j,k], so dΛ[j,i] = scaling·Σ_k g[j,i,k]·A[i,k]·Γ[j,k] and
         dΓ[j,k] = scaling·Σ_i g[j,i,k]·Λ[j,i]·A[i,k].
         """
-        lambdas, gammas = lambdas.float(), gammas.float()
         n, r, d = self.num_terms, self.rank, self.small
-        weighted = grad_M.float().reshape(n, r, d).mul_(self.A.float())  # our own temporary: in place
+        weighted = grad_M.to(lambdas.dtype).reshape(n, r, d).mul_(self.A.to(lambdas.dtype))  # our own temporary: in place
         grad_lambdas = torch.bmm(weighted, gammas.unsqueeze(2)).squeeze(2)
         grad_gammas = torch.bmm(lambdas.unsqueeze(1), weighted).squeeze(1)
         return grad_lambdas * scaling, grad_gammas * scaling
@@ -507,10 +506,7 @@ class RandLoRALayer(AdapterLayer):
         return self._bases
 
     def delta(self, x: Tensor) -> Tensor:
-        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-        else:
-            dtype = torch.float32
+        dtype = self.compute_dtype(x)
         bases = self.bases
         flat = x.reshape(-1, x.shape[-1]).to(dtype)
         backward = torch.is_grad_enabled() and (
@@ -526,7 +522,7 @@ class RandLoRALayer(AdapterLayer):
 
     def delta_weight(self) -> Tensor:
         bases = self.bases
-        M, _ = bases.scaled_basis(self.lambdas.detach(), self.gammas.detach(), self.scaling, torch.float32)
+        M, _ = bases.scaled_basis(self.lambdas.detach().float(), self.gammas.detach().float(), self.scaling, torch.float32)
         if bases.sparse:
             C = torch.sparse.mm(bases.B.float(), M.to_dense())
         else:

@@ -187,14 +187,9 @@ class RMLoRALayer(LoRALayer):
     def delta(self, x: Tensor) -> Tensor:
         if self.selected is None or not (self.training and torch.is_grad_enabled()):
             return super().delta(x)
-        x = self.param_dtype_input(x)
-        device_type = x.device.type
-        # what F.linear would compute in under autocast, chosen here because the backward below does
+        # what F.linear would compute in (under autocast too), chosen here because the backward below does
         # its own matmuls
-        if device_type != "meta" and torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-        else:
-            dtype = torch.float32
+        dtype = self.compute_dtype(x)
         flat = x.reshape(-1, self.in_features).to(dtype)
         out = SelectedDirectionsLoRA.apply(
             flat, self.lora_A.to(dtype), self.lora_B.to(dtype), self.selected, self.scaling

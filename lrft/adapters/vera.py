@@ -113,9 +113,7 @@ class VeRALayer(AdapterLayer):
 
     def delta(self, x: Tensor) -> Tensor:
         x = self.param_dtype_input(x)
-        autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else torch.float32
-        A, B = self.sliced_bases(dtype)
+        A, B = self.sliced_bases(self.compute_dtype(x))
         projected = nn.functional.linear(x, A) * self.lambda_d
         return nn.functional.linear(projected, self.lambda_b.unsqueeze(1) * B * self.scaling)
 
