@@ -26,6 +26,13 @@ test: install
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lrft train recipes/demo.yaml --overwrite
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lrft inspect-rank runs/demo/adapter
+	@echo
+	@echo "The demo's outputs are in runs/demo: adapter/ (the trained adapter), metrics.jsonl, run.json,"
+	@echo "eval.json and report.png (loss, lr, tokens/s and memory against step). Try next:"
+	@echo "  .venv/bin/lrft chat --adapter runs/demo/adapter                  # talk to it (/exit to leave)"
+	@echo "  .venv/bin/lrft report runs/demo                                  # the run at a glance"
+	@echo "  .venv/bin/lrft merge runs/demo/adapter --output runs/demo-merged # a plain Hugging Face model"
+	@echo "  .venv/bin/lrft inspect-rank runs/demo/adapter --per-layer        # every layer's rank"
 
 bench: install
 	$(PY) benchmarks/run.py

@@ -41,6 +41,7 @@ FREE_KEYS = (
     "training.save_total_limit",
     "training.gradient_checkpointing",
     "training.skip_nonfinite",
+    "training.report_to",
     "training.num_workers",  # a key of lrft < 0.2 recipes that did nothing; found in their checkpoints
 )
 SCHEDULE_KEYS = ("training.max_steps", "training.epochs")

@@ -24,6 +24,7 @@ app = typer.Typer(
 )
 
 _DEBUG = False
+KEEP_QUANTIZED = "run the adapter as trained instead of folding ΔW in once (slower: its training-time path on every token)"
 
 
 @app.command()
@@ -78,14 +79,85 @@ def eval_(
     predictions: Optional[Path] = typer.Option(None, "--predictions", help="write one JSON line per example here"),
     quantization: Optional[str] = typer.Option(None, "--quantization", help="4, 8 or none (default: the adapter's; none with --model)"),
     loss: bool = typer.Option(False, "--loss", help="report mean token loss / perplexity on --data instead"),
+    keep_quantized: bool = typer.Option(False, "--keep-quantized", help=KEEP_QUANTIZED),
 ) -> None:
     """Evaluate on the commonsense-8 benchmark (or plain loss)."""
     from .evaluate import run_eval
 
     run_eval(
         adapter=adapter, model=model, data=data, tasks=tasks, limit=limit, mode=mode.value, batch_size=batch_size,
-        output=output, predictions=predictions, quantization=quantization, loss=loss,
+        output=output, predictions=predictions, quantization=quantization, loss=loss, keep_quantized=keep_quantized,
     )
+
+
+@app.command()
+def generate(
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="ADAPTER_DIR: generate with base + adapter"),
+    model: Optional[str] = typer.Option(None, "--model", help="a model folder, hub id, .gguf or alias (e.g. a merged model)"),
+    prompt: List[str] = typer.Option([], "--prompt", help="a prompt (repeatable); streamed to the terminal when there is one"),
+    input_path: Optional[Path] = typer.Option(None, "--input", help="JSON lines of {prompt} or {messages} records"),
+    output: Optional[Path] = typer.Option(None, "--output", help="write one JSON line per prompt here"),
+    chat: bool = typer.Option(False, "--chat", help="render each --prompt as a user turn with the chat template"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(8, "--batch-size", help="prompts per generate call with --input"),
+    quantization: Optional[str] = typer.Option(None, "--quantization", help="4, 8 or none (default: the adapter's; none with --model)"),
+    keep_quantized: bool = typer.Option(False, "--keep-quantized", help=KEEP_QUANTIZED),
+) -> None:
+    """Generate text from prompts or conversations (greedy by default)."""
+    from .inference import Sampling, load_for_inference, run_generate
+
+    if bool(prompt) == (input_path is not None):
+        raise UserError("give --prompt TEXT (repeatable) or --input FILE.jsonl, one of the two")
+    if input_path is not None and not input_path.is_file():
+        raise UserError(f"--input {input_path} does not exist; give a JSON-lines file of {{prompt}} or {{messages}} records")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} must be at least 1")
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+    sampling.check()
+    loaded = load_for_inference(adapter, model, quantization, keep_quantized)
+    if loaded.note:
+        print(loaded.note, file=sys.stderr)
+    run_generate(loaded, prompt, input_path, output, sampling, batch_size, chat)
+
+
+@app.command("chat")
+def chat_(
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="ADAPTER_DIR: chat with base + adapter"),
+    model: Optional[str] = typer.Option(None, "--model", help="a chat model folder, hub id, .gguf or alias (e.g. a merged model)"),
+    system: Optional[str] = typer.Option(None, "--system", help="a system prompt"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    quantization: Optional[str] = typer.Option(None, "--quantization", help="4, 8 or none (default: the adapter's; none with --model)"),
+    keep_quantized: bool = typer.Option(False, "--keep-quantized", help=KEEP_QUANTIZED),
+) -> None:
+    """Chat in the terminal (or through a pipe): /reset, /system TEXT, /exit, Ctrl+D."""
+    from .inference import Sampling, load_for_inference, require_chat_template, run_chat
+
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+    sampling.check()
+    loaded = load_for_inference(adapter, model, quantization, keep_quantized)
+    require_chat_template(loaded)
+    if loaded.note:
+        print(loaded.note, file=sys.stderr)
+    run_chat(loaded, sampling, system)
+
+
+@app.command()
+def report(
+    run_dirs: List[Path] = typer.Argument(..., help="one or more training run folders (RUN_DIR)"),
+    output: Optional[Path] = typer.Option(
+        None, "--output", help="the PNG (default: RUN_DIR/report.png for one run, ./report-compare.png for several)"
+    ),
+) -> None:
+    """How runs went: a summary table and a picture of loss, validation loss, lr, tokens/s and memory."""
+    from .report import run_report
+
+    run_report(run_dirs, output=output)
 
 
 @app.command()
@@ -113,11 +185,14 @@ def inspect_rank(
     tol: Optional[float] = typer.Option(None, "--tol", help="relative tolerance for the numerical rank"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     layers: Optional[str] = typer.Option(None, "--layers", help="regex selecting layer names"),
+    per_layer: bool = typer.Option(False, "--per-layer", help="also print the per-layer and per-depth tables"),
 ) -> None:
     """Intrinsic rank, spectrum and orthogonality of trained adapters."""
     from .inspect_rank import run_inspect_rank
 
-    run_inspect_rank(adapter_dir, compare=compare, json_out=json_out, plot=plot, tol=tol, device=device, layers=layers)
+    run_inspect_rank(
+        adapter_dir, compare=compare, json_out=json_out, plot=plot, tol=tol, device=device, layers=layers, per_layer=per_layer,
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -128,7 +203,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         args.remove("--debug")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        if args and args[0] in ("train", "eval", "merge", "inspect-rank"):
+        if args and args[0] in ("train", "eval", "merge", "inspect-rank", "generate", "chat"):
             from .model import quiet_libraries
 
             quiet_libraries()

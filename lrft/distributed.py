@@ -21,14 +21,20 @@ from .recipe import Recipe
 
 
 def make_accelerator(recipe: Recipe):
-    """The accelerator for this process and the mixed precision it runs ("no", "bf16" or "fp16")."""
+    """The accelerator for this process and the mixed precision it runs ("no", "bf16" or "fp16"), with the
+    trackers of ``training.report_to`` (checked before any weight is loaded)."""
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from .trackers import check_trackers
 
     cuda = torch.cuda.is_available()
     mixed = recipe.training.mixed_precision
     if mixed == "auto":
         mixed = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not cuda)
+    report_to = check_trackers(recipe.training.report_to)
+    project = ProjectConfiguration(project_dir=recipe.output_dir, logging_dir=f"{recipe.output_dir}/tensorboard")
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not cuda, log_with=report_to or None, project_config=project)
     check_distributed(accelerator, recipe, mixed)
     world = accelerator.num_processes
     if recipe.training.batch_size % (recipe.training.micro_batch_size * world):

@@ -576,34 +576,6 @@ def print_results(results: dict, console=None) -> None:
 # --- the command ----------------------------------------------------------------------------------
 
 
-def _parse_bits(quantization: Optional[str]) -> Optional[str]:
-    if quantization is None:
-        return None
-    value = str(quantization).strip().lower()
-    if value in ("4", "8", "none"):
-        return value
-    raise UserError(f"--quantization {quantization!r} is not valid; use 4, 8 or none")
-
-
-def _load(adapter: Optional[Path], model: Optional[str], quantization: Optional[str]):
-    """(model, tokenizer, model name, quantization bits) for --adapter (lrft's or PEFT's) or --model."""
-    if adapter is not None:
-        from .adapter_folder import AdapterFolder
-
-        from .model import load_tokenizer
-
-        folder = AdapterFolder.read(adapter)
-        bits = folder.quantization.bits if quantization is None else None if quantization == "none" else int(quantization)
-        lm, _ = folder.load_model(bits=bits)
-        return lm, load_tokenizer(folder.base_name), folder.base_name, bits
-    from .model import load_base_model, load_tokenizer
-    from .recipe import ModelSection, QuantizationSection
-
-    bits = None if quantization in (None, "none") else int(quantization)
-    lm = load_base_model(ModelSection(name_or_path=model), QuantizationSection(bits=bits))
-    return lm, load_tokenizer(model), model, bits
-
-
 def run_eval(
     adapter: Optional[Path],
     model: Optional[str],
@@ -616,18 +588,21 @@ def run_eval(
     predictions: Optional[Path],
     quantization: Optional[str],
     loss: bool,
+    keep_quantized: bool = False,
 ) -> dict:
     from rich.console import Console
 
+    from .inference import load_for_inference, parse_bits
+
     if (adapter is None) == (model is None):
-        raise UserError("give exactly one of --adapter RUN_DIR/adapter (base + adapter) or --model MODEL (a plain model)")
+        raise UserError("give exactly one of --adapter ADAPTER_DIR (base + adapter) or --model MODEL (a plain or merged model)")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1")
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit} must be at least 1 (or leave it out for every example)")
     if mode not in MODES:
         raise UserError(f"--mode {mode!r} is unknown; use generate or loglik")
-    bits = _parse_bits(quantization)
+    parse_bits(quantization)  # a bad value fails before the data is read
     console = Console()
     if loss:
         if tasks is not None or predictions is not None:
@@ -638,13 +613,16 @@ def run_eval(
         # check the data before spending time on loading the model
         select_tasks(find_task_files(data), tasks, data)
 
-    lm, tokenizer, model_name, loaded_bits = _load(adapter, model, bits)
+    loaded = load_for_inference(adapter, model, quantization, keep_quantized)
+    if loaded.note:
+        console.print(loaded.note, highlight=False)
     if loss:
-        results = evaluate_loss_file(lm, tokenizer, data, limit, batch_size)
+        results = evaluate_loss_file(loaded.model, loaded.tokenizer, data, limit, batch_size)
     else:
         rows: Optional[list] = [] if predictions is not None else None
-        results = evaluate_model(lm, tokenizer, data, tasks, limit, mode, batch_size, rows, console)
-    results.update(model=model_name, adapter=str(adapter) if adapter is not None else None, quantization=loaded_bits)
+        results = evaluate_model(loaded.model, loaded.tokenizer, data, tasks, limit, mode, batch_size, rows, console)
+    results.update(model=loaded.name, adapter=str(adapter) if adapter is not None else None, quantization=loaded.bits,
+                   adapter_applied=loaded.note or None)
     print_results(results, console)
     if output is not None:
         write_json_atomic(output, results)

@@ -185,6 +185,7 @@ def run_inspect_rank(
     tol: Optional[float] = None,
     device: str = "cpu",
     layers: Optional[str] = None,
+    per_layer: bool = False,
 ) -> dict[str, Any]:
     """The ``inspect-rank`` command: tables on stdout, optionally JSON and a PNG. Returns the JSON payload."""
     if plot is not None:
@@ -194,7 +195,7 @@ def run_inspect_rank(
     payload = reports[0].as_json(top_r, tol, torch_device)
     if len(reports) > 1:
         payload["compare"] = [report.as_json(top_r, tol, torch_device) for report in reports[1:]]
-    print_tables(reports, top_r)
+    print_tables(reports, top_r, per_layer)
     if json_out is not None:
         write_json_atomic(json_out, payload)
     if plot is not None:
@@ -260,7 +261,8 @@ def _columns_for(reports: Sequence[AdapterReport]) -> list[tuple[str, str]]:
     return [(key, title) for key, title in _COLUMNS if key in present]
 
 
-def print_tables(reports: Sequence[AdapterReport], top_r: int) -> None:
+def print_tables(reports: Sequence[AdapterReport], top_r: int, per_layer: bool = False) -> None:
+    """The mean per module type; with ``per_layer`` also every layer and the mean per depth."""
     from rich.table import Table
 
     console = _console()
@@ -283,26 +285,10 @@ def print_tables(reports: Sequence[AdapterReport], top_r: int) -> None:
             for _, title in columns:
                 table.add_column(f"{label}\n{title}" if several else title, justify="right")
 
-    by_name = [{row["name"]: row for row in report.rows} for report in reports]
-    names = list(dict.fromkeys(name for rows in by_name for name in rows))
-    prefix = _common_prefix(names)
-    layers_table = Table(title=f"ΔW per layer{f' ({prefix}…)' if prefix else ''}, R = {top_r}", caption=_LEGEND)
-    layers_table.add_column("layer", overflow="fold")
-    layers_table.add_column("shape", justify="right")
-    layers_table.add_column("bound", justify="right")
-    header(layers_table)
-    for name in names:
-        first = next(rows[name] for rows in by_name if name in rows)
-        bounds = "/".join(dict.fromkeys(str(rows[name]["rank_bound"]) for rows in by_name if name in rows))
-        cells = [name[len(prefix):], f"{first['shape'][0]}×{first['shape'][1]}", bounds]
-        for rows in by_name:
-            row = rows.get(name, {})
-            cells += [_format(row.get(key), key) for key, _ in columns]
-        layers_table.add_row(*cells)
-    console.print(layers_table)
-
-    for section, title in (("by_module", "module type"), ("by_depth", "depth")):
-        table = Table(title=f"mean per {title}")
+    if per_layer:
+        console.print(_layers_table(reports, top_r, columns, header))
+    for section, title in (("by_module", "module type"), ("by_depth", "depth"))[: 2 if per_layer else 1]:
+        table = Table(title=f"ΔW, mean per {title}, R = {top_r}", caption=_LEGEND if section == "by_module" else None)
         table.add_column(title)
         table.add_column("layers", justify="right")
         header(table)
@@ -315,6 +301,30 @@ def print_tables(reports: Sequence[AdapterReport], top_r: int) -> None:
                 cells += [_format(stats.get(f"mean_{key}"), key) for key, _ in columns]
             table.add_row(*cells)
         console.print(table)
+    if not per_layer:
+        console.print("[dim]every layer and the mean per depth: --per-layer (or --json FILE)[/]")
+
+
+def _layers_table(reports, top_r, columns, header):
+    from rich.table import Table
+
+    by_name = [{row["name"]: row for row in report.rows} for report in reports]
+    names = list(dict.fromkeys(name for rows in by_name for name in rows))
+    prefix = _common_prefix(names)
+    table = Table(title=f"ΔW per layer{f' ({prefix}…)' if prefix else ''}, R = {top_r}")
+    table.add_column("layer", overflow="fold")
+    table.add_column("shape", justify="right")
+    table.add_column("bound", justify="right")
+    header(table)
+    for name in names:
+        first = next(rows[name] for rows in by_name if name in rows)
+        bounds = "/".join(dict.fromkeys(str(rows[name]["rank_bound"]) for rows in by_name if name in rows))
+        cells = [name[len(prefix):], f"{first['shape'][0]}×{first['shape'][1]}", bounds]
+        for rows in by_name:
+            row = rows.get(name, {})
+            cells += [_format(row.get(key), key) for key, _ in columns]
+        table.add_row(*cells)
+    return table
 
 
 def _require_matplotlib() -> None:

@@ -95,6 +95,9 @@ class TrainingSection(Section):
     save_steps: Optional[int] = Field(None, gt=0)
     save_total_limit: int = Field(2, ge=1)
     skip_nonfinite: bool = False
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="live metrics through accelerate's trackers (main process only)"
+    )
 
     @model_validator(mode="after")
     def _batch_divides(self):

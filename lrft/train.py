@@ -38,6 +38,7 @@ from .inject import count_trainable, inject_adapters, load_adapter_state_dict, t
 from .io import atomic_dir, write_json_atomic, write_text_atomic
 from .model import Dtypes, check_bitsandbytes, load_base_model, load_tokenizer
 from .recipe import Recipe, dump_recipe
+from .trackers import log_metrics, start_trackers
 
 
 @dataclass
@@ -120,6 +121,7 @@ def setup(recipe: Recipe, resume: bool, overwrite: bool, extend_schedule: bool) 
         console.print("[yellow]note:[/yellow] accelerate runs FSDP on GPUs only; these processes train with DDP")
     output_dir = Path(recipe.output_dir)
     resume_from = prepare_output_dir(output_dir, resume, overwrite, accelerator)
+    start_trackers(accelerator, recipe, output_dir.name)
 
     # Data before the model: a bad data path should fail in a second, not after loading weights. Every
     # process tokenizes the whole set and follows the same global order: it needs the target-token count of
@@ -359,6 +361,7 @@ def after_step(run: Run, result: StepResult, stop_requested: bool) -> bool:
     if run.is_main and (step % tcfg.logging_steps == 0 or step == run.total_steps or "val_loss" in record):
         with open(run.metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        log_metrics(acc, record)
     # the last step is checkpointed too, so that a finished run can be extended (--extend-schedule)
     if (tcfg.save_steps and (step % tcfg.save_steps == 0 or step == run.total_steps)) or stop_now:
         save_checkpoint(run)
@@ -409,6 +412,12 @@ def finish(run: Run) -> Path:
             info["eval_mean_accuracy"] = results.get("mean_accuracy")
         write_json_atomic(run.output_dir / "run.json", info)
         run.console.print(f"adapter saved to {run.output_dir / 'adapter'}")
+        picture = write_report(run.output_dir)
+        run.console.print(
+            (f"report: {picture}; " if picture else "")
+            + f"next: lrft chat --adapter {run.output_dir / 'adapter'}  |  lrft report {run.output_dir}  |  "
+            f"lrft merge {run.output_dir / 'adapter'} --output MERGED_DIR", highlight=False,
+        )
     acc.end_training()
     return run.output_dir / "adapter"
 
@@ -430,6 +439,17 @@ def optimizer_class(name: str, device: torch.device):
 
 
 # --- small helpers -----------------------------------------------------------------------------------
+
+
+def write_report(run_dir: Path) -> Optional[Path]:
+    """RUN_DIR/report.png (when matplotlib is installed); a picture that cannot be drawn never fails a run."""
+    from .report import write_run_report
+
+    try:
+        return write_run_report(run_dir)
+    except Exception as exc:  # noqa: BLE001 - the run itself is done and saved
+        print(f"warning: no report.png ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
 
 
 def lr_lambda(kind: str, warmup: int, total: int):

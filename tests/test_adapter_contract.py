@@ -136,3 +136,20 @@ def test_inspect_rank_reports_the_layers_own_delta(saved):
             else:
                 assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-9), (row["name"], key)
         assert row["rank"] <= row["rank_bound"] <= min(row["shape"])
+
+
+def test_folded_for_inference_computes_what_the_adapter_does(saved):
+    """ΔW folded once (factored or merged, lrft.inference.fold) against the adapter's training-time path, on
+    the 4-bit base: the tolerance of merge verification in float32."""
+    from lrft.inference import load_for_inference
+    from lrft.merge import TOLERANCES, compare_logits
+
+    folder_path, _, _ = saved
+    ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+    folded = load_for_inference(folder_path, None)
+    kept = load_for_inference(folder_path, None, keep_quantized=True)
+    assert folded.note.startswith("ΔW folded for inference")
+    with torch.no_grad():
+        figures = compare_logits(list(kept.model(input_ids=ids).logits.float()), list(folded.model(input_ids=ids).logits.float()))
+    rel, kl = TOLERANCES["float32"]
+    assert figures["max_abs_logit_diff"] <= rel * max(1.0, figures["max_abs_logit"]) and figures["mean_kl"] <= kl

@@ -9,6 +9,7 @@ command as a user would, in a new Python process, so that nothing printed at sta
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,16 @@ CASES = [
      ["train", "<recipe>", "--set", "model.name_or_path=<tiny>", "--output-dir", "<out>"], "record 1 missing or non-text field(s) completion"),
     ("train_on with another format", GOOD.replace("{path: " + SAMPLE + "}", "{path: " + SAMPLE + ", train_on: all}"),
      ["train", "<recipe>"], "data.train_on applies to data.format: messages only"),
+    ("chat without a model", None, ["chat"], "give exactly one of --adapter"),
+    ("chat with a model without a chat template", None, ["chat", "--model", "<notemplate>"], "has no chat template"),
+    ("generate with an adapter for another base", None, ["generate", "--adapter", "<wrongbase>", "--prompt", "hi"],
+     "belongs to another base model"),
+    ("generate from a missing file", None, ["generate", "--model", "<tiny>", "--input", "/no/such/prompts.jsonl"], "does not exist"),
+    ("generate from a bad line", None, ["generate", "--model", "<tiny>", "--input", "<badprompts>", "--output", "<out>"],
+     "line 2: not valid JSON"),
+    ("generate without prompts", None, ["generate", "--model", "<tiny>"], "give --prompt TEXT"),
+    ("tracker not installed", GOOD + "training: {report_to: [wandb]}\n",
+     ["train", "<recipe>", "--set", "model.name_or_path=<tiny>", "--output-dir", "<out>"], "pip install 'lrft[wandb]'"),
     ("paged optimizer on the CPU", GOOD + "training: {optimizer: paged_adamw_8bit}\n",
      ["train", "<recipe>", "--set", "model.name_or_path=<tiny>", "--output-dir", "<out>"], "needs CUDA; use adamw_8bit"),
     # damaged adapter folders: every command that reads one names the file and what is wrong
@@ -165,6 +176,13 @@ def files(tmp_path, tiny_model_dir):
     bad_role.write_text(json.dumps({"messages": turns}) + "\n" + json.dumps({"messages": [turns[0], {"role": "bot", "content": "x"}]}) + "\n")
     bad_completion = tmp_path / "badcompletion.jsonl"
     bad_completion.write_text(json.dumps({"prompt": "2 + 2 ="}) + "\n")
+    no_template = tmp_path / "notemplate"
+    shutil.copytree(tiny_model_dir, no_template)
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    config_path = no_template / "tokenizer_config.json"
+    config_path.write_text(json.dumps({k: v for k, v in json.loads(config_path.read_text()).items() if k != "chat_template"}))
+    bad_prompts = tmp_path / "badprompts.jsonl"
+    bad_prompts.write_text('{"prompt": "fine"}\n{not json}\n')
     no_tasks = tmp_path / "notasks"
     no_tasks.mkdir()
     (no_tasks / "readme.txt").write_text("no task files here")
@@ -176,6 +194,7 @@ def files(tmp_path, tiny_model_dir):
     return {
         **{f"damaged:{kind}": str(folder) for kind, folder in damaged.items()},
         "chat": str(chat), "badrole": str(bad_role), "badcompletion": str(bad_completion),
+        "notemplate": str(no_template), "badprompts": str(bad_prompts),
         "tiny": str(tiny_model_dir), "empty": str(empty), "badrecords": str(bad), "corrupt": str(corrupt),
         "wrongbase": str(wrong_base), "notasks": str(no_tasks), "nobnb": str(no_bnb.parent),
     }

@@ -35,7 +35,7 @@ def test_train_writes_the_run_layout(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     result = run_cli(tiny_args(tiny_model_dir, out, "--max-steps", "6"))
     assert result.exit_code == 0, result.output
-    for rel in ("adapter/adapter_config.json", "adapter/adapter.safetensors", "metrics.jsonl", "recipe.yaml", "run.json",
+    for rel in ("adapter/adapter_config.json", "adapter/adapter.safetensors", "metrics.jsonl", "recipe.yaml", "run.json", "report.png",
                 "checkpoints/step-5/trainer_state.pt", "checkpoints/step-5/adapter/adapter.safetensors"):
         assert (out / rel).exists(), rel
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -211,3 +211,20 @@ def test_8bit_adamw_trains(tiny_model_dir, tmp_path):
     assert any(t.dtype == torch.uint8 for t in tensors(state))
     losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0]
+
+
+def test_tensorboard_scalars_equal_the_metrics_file(tiny_model_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    result = run_cli(tiny_args(tiny_model_dir, out, "--max-steps", "6", "--set", "training.report_to=[tensorboard]"))
+    assert result.exit_code == 0, result.output
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    for key in ("loss", "lr", "tokens_per_s", "pad_fraction", "peak_mem_mb", "grad_norm", "val_loss"):
+        expected = [(r["step"], r[key]) for r in records if key in r]
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        assert [s for s, _ in got] == [s for s, _ in expected], key
+        for (_, value), (_, want) in zip(got, expected):
+            assert value == pytest.approx(want, rel=1e-6), key  # TensorBoard stores float32
