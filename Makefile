@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # project's range (which admits 2.13) then installs nothing more.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test demo bench bench-quick clean
+.PHONY: install test demo bench bench-quick gpu-check clean
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ bench: install
 
 bench-quick: install
 	$(PY) benchmarks/run.py --quick
+
+# the CUDA path in one command (docs/gpu-check.md); --device cpu rehearses it on tiny shapes
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py --device cuda
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
