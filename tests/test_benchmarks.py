@@ -65,3 +65,24 @@ def test_workers_measure_and_report_failures(preload):
     finally:
         workers.close()
     assert workers.proc.returncode == 0
+
+
+def test_memory_benchmark_row_and_table():
+    """benchmarks/memory.py: a row from a plan and a (fake) measurement, and docs/memory.md's table from rows."""
+    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "benchmarks" / "memory.py")
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    terms = {"without_checkpointing": {"runtime": 1000.0, "activations": 1500.0, "heap_retention": 500.0},
+             "with_checkpointing": {"runtime": 1000.0, "activations": 600.0, "heap_retention": 200.0}}
+    plan = {"data": {"largest_micro_batch": [4, 132]},
+            "peak_memory": {"without_checkpointing_mb": 3000.0, "with_checkpointing_mb": 1800.0, "terms_mb": terms}}
+    off = memory.make_row("smollm2-x", False, plan, 2500.0, 2, 30.0, fixed_threshold_mb=2000.0)
+    on = memory.make_row("smollm2-x", True, plan, 1300.0, 2, 40.0)
+    assert (off["estimate_mb"], off["ratio"], off["pass"]) == (3000.0, 1.2, True)
+    assert (on["estimate_mb"], round(on["ratio"], 2), on["pass"]) == (1800.0, 1.38, False)  # |1.38 - 1| > 0.25
+    assert on["terms_mb"] == terms["with_checkpointing"] and on["working_set_ratio"] is None
+    assert (off["working_set_mb"], off["working_set_ratio"]) == (2500.0, 1.25)  # the estimate less heap retention
+    machine = {"cpu": "cpu", "cpu_cores": 2, "cpu_flags": "avx2", "versions": {"torch": "2"}}
+    text = memory.table({"machine": machine, "date": "today", "rows": {"a": off, "b": on}})
+    assert "| smollm2-x | off | 2 | 4 x 132 | 3,000 | 2,500 | 1.20 | yes | 2,500 | 2,000 | 1.25 |" in text
+    assert "**no**" in text and "1 of 2 within" in text and "worst ratio is 1.38 (smollm2-x +checkpointing)" in text

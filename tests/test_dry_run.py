@@ -1,6 +1,8 @@
 import json
 from pathlib import Path
 
+import pytest
+import torch
 from typer.testing import CliRunner
 
 from lrft.cli import app
@@ -51,3 +53,137 @@ def test_dry_run_plan_function(tmp_path):
     assert plan["trainable_parameters"] == plan["formula_trainable_parameters"] == 56_623_104
     assert plan["adapted_modules"] == 160
     assert 4.5 < plan["estimated_memory_gb"]["base_weights"] < 7  # ~5.5 GB for an 8B model in nf4
+
+
+# --- data figures and the peak-memory estimate ------------------------------------------------------
+
+
+def _tiny_recipe(name, folder, *sets):
+    from lrft.recipe import load_recipe
+
+    return load_recipe(f"recipes/{name}.yaml", [f"model.name_or_path={folder}", *sets])
+
+
+def _training_data(recipe):
+    from lrft.data import load_training_data
+    from lrft.model import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model.name_or_path)
+    return load_training_data(recipe.data, tokenizer, recipe.training.seed)
+
+
+def test_dry_run_prints_data_figures_and_both_memory_figures(tiny_model_dir):
+    """A shipped recipe (unpacked) on a tiny model: the printed figures, and the returned ones agree with
+    the data, DataOrder and padded_tokens as training computes them."""
+    import math
+
+    from lrft.data import DataOrder, padded_tokens
+    from lrft.plan import dry_run, percentiles
+
+    args = ["train", "recipes/smollm2-commonsense-lora.yaml", "--set", f"model.name_or_path={tiny_model_dir}", "--dry-run"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    printed = " ".join(result.output.split())  # rich wraps lines at the terminal's width
+    for text in ("token lengths: p50", "p90", "p99", "max", "padding:", "steps per epoch:", "largest micro-batch",
+                 "estimated peak memory", "without checkpointing", "with checkpointing", "the recipe trains without"):
+        assert text in printed, text
+
+    recipe = _tiny_recipe("smollm2-commonsense-lora", tiny_model_dir)
+    plan = dry_run(recipe)
+    data, train, tcfg = plan["data"], _training_data(recipe).train, recipe.training
+    assert plan["data_problem"] is None and data["rows"] is None and data["packing_efficiency"] is None
+    assert data["examples"] == len(train) and data["token_lengths"] == percentiles([len(e["input_ids"]) for e in train])
+    assert data["steps_per_epoch"] == math.ceil(len(train) / tcfg.batch_size)
+    order = DataOrder(len(train), tcfg.batch_size, tcfg.seed, recipe.data.shuffle)
+    batches = [[train[i] for i in order.global_batch(step)] for step in range(data["steps_per_epoch"])]
+    real = sum(len(e["input_ids"]) for batch in batches for e in batch)
+    padded = sum(padded_tokens(batch, 1, tcfg.micro_batch_size) for batch in batches)
+    assert data["padding_fraction"] == pytest.approx(1 - real / padded, abs=1e-12)
+    assert data["micro_batches"] == data["steps_per_epoch"] * tcfg.batch_size // tcfg.micro_batch_size
+
+    peak = plan["peak_memory"]
+    assert peak["device"] == "cpu" and peak["gradient_checkpointing"] is False
+    for key in ("without_checkpointing", "with_checkpointing"):
+        assert peak[f"{key}_mb"] == pytest.approx(sum(peak["terms_mb"][key].values()))
+    off, on = peak["terms_mb"]["without_checkpointing"], peak["terms_mb"]["with_checkpointing"]
+    assert on["saved_activations"] < off["saved_activations"] and on["logits"] == off["logits"]
+    rows, width = data["largest_micro_batch"]
+    assert rows == tcfg.micro_batch_size and width <= data["token_lengths"]["max"]
+    # 12 bytes per logit on the CPU (float32 logits, their shifted copy, the log-softmax output)
+    assert off["logits"] == pytest.approx(rows * width * 49152 * 12 / 2**20)
+
+
+def test_dry_run_packed_figures(tiny_model_dir):
+    """The packed chat recipe: rows, packing efficiency and steps count rows; group_by_length respected in
+    the unpacked padding."""
+    import math
+
+    from lrft.plan import dry_run
+
+    recipe = _tiny_recipe("smollm2-chat-lora", tiny_model_dir)
+    plan = dry_run(recipe)
+    data, rows = plan["data"], _training_data(recipe).train
+    assert data["rows"] == len(rows) and data["padding_fraction"] is None
+    assert data["packing_efficiency"] == pytest.approx(sum(len(r["input_ids"]) for r in rows) / (len(rows) * recipe.data.cutoff_len))
+    assert data["steps_per_epoch"] == math.ceil(len(rows) / recipe.training.batch_size)
+    assert data["examples"] == sum(1 for r in rows for p in r["position_ids"] if p == 0)
+
+    grouped = dry_run(_tiny_recipe("smollm2-chat-lora", tiny_model_dir, "data.packing=false", "data.group_by_length=true"))
+    plain = dry_run(_tiny_recipe("smollm2-chat-lora", tiny_model_dir, "data.packing=false"))
+    assert grouped["data"]["padding_fraction"] < plain["data"]["padding_fraction"]
+
+
+def test_saved_activations_match_autograd(tiny_model_dir):
+    """The estimate's saved activations (base layers by formula, adapters measured on the meta device) are
+    what autograd keeps in a real forward of the largest planned micro-batch: counted with saved-tensor hooks
+    on the tiny model (float32, LoRA with dropout), less the log-softmax output the logits term counts."""
+    from transformers import AutoModelForCausalLM
+
+    from lrft.data import DataOrder, collate, micro_batches
+    from lrft.evaluate import summed_token_loss
+    from lrft.inject import inject_adapters
+    from lrft.plan import make_plan
+
+    recipe = _tiny_recipe("smollm2-commonsense-lora", tiny_model_dir, "training.max_steps=2")
+    plan, _ = make_plan(recipe)
+    estimate = plan["peak_memory"]["terms_mb"]["without_checkpointing"]["saved_activations"] * 2**20
+    rows, width = plan["data"]["largest_micro_batch"]
+    train, tcfg = _training_data(recipe).train, recipe.training
+    order = DataOrder(len(train), tcfg.batch_size, tcfg.seed, recipe.data.shuffle)
+    chunks = [c for step in range(2) for c in micro_batches([train[i] for i in order.global_batch(step)], tcfg.micro_batch_size)]
+    chunk = next(c for c in chunks if (len(c), max(len(e["input_ids"]) for e in c)) == (rows, width))
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).requires_grad_(False)
+    inject_adapters(model, recipe.adapter, torch.float32)
+    model.train()
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    saved = {}
+
+    def keep(t):
+        if t.untyped_storage().data_ptr() not in own:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        summed_token_loss(model, collate(chunk, 2))
+    measured = sum(saved.values()) - rows * (width - 1) * model.config.vocab_size * 4  # the log-softmax output
+    assert estimate == pytest.approx(measured, rel=0.02), (estimate, measured)
+
+
+def test_dry_run_samples_large_data(tmp_path, tiny_model_dir):
+    """More records than DATA_SAMPLE: a random sample is tokenized and the counts are scaled to the whole."""
+    import math
+
+    from lrft.plan import DATA_SAMPLE, dry_run
+
+    lines = SAMPLE_DATA.read_text().splitlines()
+    big = tmp_path / "big.jsonl"
+    big.write_text("\n".join(lines * math.ceil(2.5 * DATA_SAMPLE / len(lines))) + "\n")
+    total = len(lines) * math.ceil(2.5 * DATA_SAMPLE / len(lines))
+    recipe = _tiny_recipe("smollm2-commonsense-lora", tiny_model_dir, f"data.path={big}")
+    data = dry_run(recipe)["data"]
+    assert data["tokenized"] == DATA_SAMPLE and data["records"] == total - recipe.data.val_size
+    assert data["examples"] == pytest.approx(data["records"], rel=0.01)  # every sample record has targets
+    assert data["steps_per_epoch"] == math.ceil(data["examples"] / recipe.training.batch_size)
+    assert data["largest_micro_batch"] == [recipe.training.micro_batch_size, data["token_lengths"]["max"]]
