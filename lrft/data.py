@@ -29,8 +29,9 @@ Packing (``data.packing``)
 Examples are packed into rows of at most ``cutoff_len`` tokens, best-fit decreasing (deterministic, so a
 resume sees the same rows); the row is then the unit of ``batch_size`` and ``micro_batch_size``. Within a
 row, position ids restart at 0 for every example and attention is block-diagonal causal, so no token sees
-another example: a 4D mask for SDPA and eager attention, position ids alone for FlashAttention-2 (whose
-variable-length kernel reads the boundaries from them). Each example's first label is ignored, as the
+another example. Training concatenates a micro-batch's rows into one row without padding and attends per
+example (:mod:`lrft.packed_attention`; FlashAttention-2's variable-length kernel reads the same layout);
+eager attention gets padded rows and a 4D mask. Each example's first label is ignored, as the
 shift by one ignores it unpacked, so the loss is over the same tokens. ``data.group_by_length`` instead
 keeps examples whole and puts examples of similar length in the same micro-batches.
 """
@@ -46,6 +47,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from .errors import UserError
+from .packed_attention import NAME as PACKED_ATTENTION
 
 IGNORE_INDEX = -100
 FORMATS = ("commonsense", "alpaca", "completion", "messages")
@@ -336,7 +338,7 @@ class TokenizedData:
     examples: int = 0  # training examples before packing
 
 
-class Tokenizer:
+class RecordToExample:
     """One record -> one example (or None when no token is left to learn from) for ``data.format``."""
 
     def __init__(self, section, tokenizer, model_name: str):
@@ -370,7 +372,7 @@ def load_training_data(section, tokenizer, seed: int, model_name: str = "the mod
             )
         order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
         val_numbers, numbers = order[: section.val_size], sorted(order[section.val_size :])
-    tokenize = Tokenizer(section, tokenizer, model_name)
+    tokenize = RecordToExample(section, tokenizer, model_name)
 
     def examples(indices: list[int]) -> list[dict]:
         out = []
@@ -489,10 +491,16 @@ class DataOrder:
 
 def collate(examples: list[dict], pad_id: int, attention: str = "sdpa", mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch; padding is ignored in the loss. Unpacked examples get a 2D attention mask.
-    Packed rows (with ``position_ids``) get their position ids and, unless ``attention`` is
-    ``flash_attention_2`` (which reads the boundaries from the position ids), a 4D block-diagonal causal
-    mask: bool for SDPA, additive in ``mask_dtype`` for eager attention. The padding at a row's end is a
-    segment of its own, so it changes no real token."""
+    Packed rows (with ``position_ids``) are laid out for the attention that will read them: concatenated
+    into one row without any padding for attention that finds the examples from the position ids
+    (``flash_attention_2``, :data:`lrft.packed_attention.NAME`); otherwise padded rows with a 4D
+    block-diagonal causal mask, bool for SDPA, additive in ``mask_dtype`` for eager attention, where the
+    padding at a row's end is a segment of its own, so it changes no real token."""
+    if "position_ids" in examples[0] and attention in ("flash_attention_2", PACKED_ATTENTION):
+        return {
+            key: torch.tensor([[t for e in examples for t in e[key]]], dtype=torch.long)
+            for key in ("input_ids", "labels", "position_ids")
+        }
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -510,8 +518,7 @@ def collate(examples: list[dict], pad_id: int, attention: str = "sdpa", mask_dty
         positions[i, :n] = torch.tensor(e["position_ids"])
         positions[i, n:] = torch.arange(width - n)  # the padding: one more segment
     batch["position_ids"] = positions
-    if attention != "flash_attention_2":
-        batch["attention_mask"] = block_causal_mask(positions, attention, mask_dtype)
+    batch["attention_mask"] = block_causal_mask(positions, attention, mask_dtype)
     return batch
 
 
@@ -540,12 +547,15 @@ def target_tokens(examples: list[dict]) -> int:
     return sum(sum(1 for t in e["labels"][1:] if t != IGNORE_INDEX) for e in examples)
 
 
-def padded_tokens(examples: list[dict], processes: int, micro_batch_size: int) -> int:
+def padded_tokens(examples: list[dict], processes: int, micro_batch_size: int, attention: str = "sdpa") -> int:
     """Tokens the forward passes of a global batch compute, padding included (each micro-batch is padded to
-    its longest member)."""
+    its longest member, except packed rows that :func:`collate` concatenates for ``attention``)."""
     per_process = len(examples) // processes
     total = 0
     for rank in range(processes):
         for chunk in micro_batches(examples[rank * per_process : (rank + 1) * per_process], micro_batch_size):
-            total += len(chunk) * max(len(e["input_ids"]) for e in chunk)
+            if "position_ids" in chunk[0] and attention in ("flash_attention_2", PACKED_ATTENTION):
+                total += sum(len(e["input_ids"]) for e in chunk)
+            else:
+                total += len(chunk) * max(len(e["input_ids"]) for e in chunk)
     return total

@@ -44,7 +44,7 @@ import torch
 
 from .adapters import get_adapter
 from .data import (
-    DataOrder, RecordError, Tokenizer, check_cutoff, check_data_source, load_training_data, micro_batches, pack, read_records,
+    DataOrder, RecordError, RecordToExample, check_cutoff, check_data_source, load_training_data, micro_batches, pack, read_records,
 )
 from .errors import UserError
 from .inject import count_trainable, find_targets, inject_adapters, trainable_parameters
@@ -228,7 +228,7 @@ def sample_examples(recipe: Recipe, tokenizer, records: list) -> list[dict]:
     token are left out, as training skips them."""
     section = recipe.data
     check_cutoff(tokenizer, section.format, section.cutoff_len)
-    tokenize = Tokenizer(section, tokenizer, recipe.model.name_or_path)
+    tokenize = RecordToExample(section, tokenizer, recipe.model.name_or_path)
     examples = []
     for i in sorted(random.Random(recipe.training.seed).sample(range(len(records)), DATA_SAMPLE)):
         try:
@@ -268,14 +268,14 @@ def batch_figures(recipe: Recipe, records: int, tokenized: int, examples: int, l
     epoch_steps = math.ceil(units / tcfg.batch_size)  # over the units read (the sample's epoch when sampled)
     # the largest micro-batch: over the planned steps (at most 20 epochs: later ones only reshuffle)
     steps = epoch_steps if scale != 1.0 else max(epoch_steps, min(planned, 20 * epoch_steps))
-    shapes = micro_batch_shapes(order, unit_lengths, tcfg.micro_batch_size, steps)
+    shapes = micro_batch_shapes(order, unit_lengths, tcfg.micro_batch_size, steps, section.packing)
     epoch = shapes[: epoch_steps * (tcfg.batch_size // tcfg.micro_batch_size)]
     padded = sum(rows * width for rows, width, _ in epoch)
     real = sum(tokens for _, _, tokens in epoch)
     run = shapes[: planned * (tcfg.batch_size // tcfg.micro_batch_size)] if scale == 1.0 else shapes
     largest = max(((rows, width) for rows, width, _ in run), key=lambda s: (s[0] * s[1], s[1]))
     if scale != 1.0:  # a sample's batches are not the run's: take a full micro-batch of the longest unit
-        largest = (tcfg.micro_batch_size, max(unit_lengths))
+        largest = (1, tcfg.micro_batch_size * max(unit_lengths)) if section.packing else (tcfg.micro_batch_size, max(unit_lengths))
     return DataFigures(
         records=records, tokenized=tokenized, examples=examples, rows=total_units if section.packing else None,
         lengths=lengths, unit_lengths=unit_lengths, steps_per_epoch=steps_per_epoch, planned_steps=planned,
@@ -285,13 +285,14 @@ def batch_figures(recipe: Recipe, records: int, tokenized: int, examples: int, l
     )
 
 
-def micro_batch_shapes(order: DataOrder, lengths: list[int], micro_batch_size: int, steps: int) -> list[tuple[int, int, int]]:
-    """(rows, width, real tokens) of every micro-batch of the first ``steps`` optimizer steps (one process)."""
+def micro_batch_shapes(order: DataOrder, lengths: list[int], micro_batch_size: int, steps: int, packed: bool) -> list[tuple[int, int, int]]:
+    """(rows, width, real tokens) of every micro-batch of the first ``steps`` optimizer steps (one process).
+    Packed rows are trained concatenated into one row (see :func:`lrft.data.collate`)."""
     shapes = []
     for step in range(steps):
         for chunk in micro_batches(order.global_batch(step), micro_batch_size):
             sizes = [lengths[i] for i in chunk]
-            shapes.append((len(sizes), max(sizes), sum(sizes)))
+            shapes.append((1, sum(sizes), sum(sizes)) if packed else (len(sizes), max(sizes), sum(sizes)))
     return shapes
 
 
@@ -421,6 +422,7 @@ class Shapes:
     rows: int
     width: int
     act_bytes: int  # bytes per activation element (the compute dtype)
+    masked: bool = True  # SDPA gets a mask (packed rows attend per example, without one)
 
     @classmethod
     def of(cls, model, largest: tuple[int, int], act_bytes: int) -> "Shapes":
@@ -439,7 +441,7 @@ def block_bytes(s: Shapes, cpu: bool) -> float:
     output, and its float32 log-sum-exp; the MLP's gate, activation and up outputs; on the CPU also the
     float attention mask SDPA keeps per layer."""
     per_token = (2 * s.hidden + 4 * s.heads * s.head_dim + 3 * s.intermediate) * s.act_bytes + 4 * s.heads
-    mask = 4 * s.rows * s.width**2 if cpu else 0
+    mask = 4 * s.rows * s.width**2 if cpu and s.masked else 0
     return per_token * s.tokens + mask
 
 
@@ -489,6 +491,7 @@ def peak_memory(recipe: Recipe, model, layers: dict, base: BaseWeights, figures:
     cpu = device.type != "cuda"
     dtypes = Dtypes.resolve(recipe.model, recipe.quantization, device)
     s = Shapes.of(model, figures.largest, dtypes.compute.itemsize)
+    s.masked = not figures.packed
     adapters = adapter_activation_bytes(model, layers, s.tokens) * (s.act_bytes / 4)  # measured in float32
     layer = block_bytes(s, cpu) + adapters / s.layers
     fixed = resident_terms(recipe, model, base, figures, runtime_mb, cpu, dtypes.load)

@@ -37,6 +37,7 @@ from .evaluate import mean_token_loss, summed_token_loss
 from .inject import count_trainable, inject_adapters, load_adapter_state_dict, trainable_parameters
 from .io import atomic_dir, write_json_atomic, write_text_atomic
 from .model import Dtypes, check_bitsandbytes, load_base_model, load_tokenizer
+from .packed_attention import use_for_packing
 from .recipe import Recipe, dump_recipe
 from .trackers import log_metrics, start_trackers
 
@@ -205,6 +206,8 @@ def setup_model(recipe: Recipe, accelerator, dtypes: Dtypes, total_steps: int, s
     if tcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if recipe.data.packing:
+        use_for_packing(model)
     if state is not None:  # before FSDP shards the adapter's tensors
         load_adapter_state_dict(layers, state["adapter"], source=str(state["path"] / "adapter" / "adapter.safetensors"))
     model.train()
@@ -327,7 +330,7 @@ def optimizer_step(run: Run) -> StepResult:
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     tokens = sum(len(e["input_ids"]) for e in examples)  # real tokens of the global batch, as the loss
-    pad_fraction = 1.0 - tokens / padded_tokens(examples, world, tcfg.micro_batch_size)
+    pad_fraction = 1.0 - tokens / padded_tokens(examples, world, tcfg.micro_batch_size, run.attention)
     return StepResult(step_loss if finite else None, extra_sum, grad_norm, lr, tokens, pad_fraction, time.time() - started)
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import needs_cuda, tiny_llama_config
+from lrft import packed_attention
 from lrft.cli import app
 from lrft.data import collate, pack, target_tokens
 from test_data import random_examples
@@ -29,7 +30,7 @@ def loss_and_grads(model, layers, batch, n_target):
 
 
 @pytest.mark.parametrize("adapter_type", ["lora", "randlora"])
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", packed_attention.NAME])
 def test_packed_batch_equals_the_same_examples_unpacked_in_float64(adapter_type, attention):
     from transformers import LlamaForCausalLM
 
@@ -37,6 +38,7 @@ def test_packed_batch_equals_the_same_examples_unpacked_in_float64(adapter_type,
     from lrft.adapters import get_adapter
     from lrft.inject import inject_adapters
 
+    packed_attention.register()
     torch.manual_seed(0)
     config = tiny_llama_config(attn_implementation=attention)
     model = LlamaForCausalLM(config).double().train()
@@ -50,6 +52,8 @@ def test_packed_batch_equals_the_same_examples_unpacked_in_float64(adapter_type,
     loss, grads = loss_and_grads(model, layers, collate(examples, pad_id=0), n_target)
     rows = pack(examples, 64)
     assert len(rows) < len(examples)
+    if attention == packed_attention.NAME:  # one row, no padding at all
+        assert collate(rows, 0, attention)["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
     packed_loss, packed_grads = loss_and_grads(model, layers, collate(rows, 0, attention, torch.float64), n_target)
     torch.testing.assert_close(packed_loss, loss, rtol=0, atol=1e-10)
     for key, grad in grads.items():
@@ -58,8 +62,8 @@ def test_packed_batch_equals_the_same_examples_unpacked_in_float64(adapter_type,
 
 @pytest.mark.slow
 def test_packed_batch_on_the_embedded_smollm2_in_4bit():
-    """The real model, nf4, float32 compute: packed and unpacked agree to float32 rounding (the 4-bit
-    kernels and SDPA run on other shapes)."""
+    """The real model, nf4, float32 compute, laid out as training does: packed and unpacked agree to
+    float32 rounding (the 4-bit kernels and SDPA run on other shapes)."""
     from adapter_reference import randomize_trainables
     from lrft.adapters import get_adapter
     from lrft.inject import inject_adapters
@@ -77,7 +81,9 @@ def test_packed_batch_on_the_embedded_smollm2_in_4bit():
     n_target = target_tokens(examples)
     loss, grads = loss_and_grads(model, layers, collate(examples, tokenizer.pad_token_id), n_target)
     rows = pack(examples, 256)
-    packed_loss, packed_grads = loss_and_grads(model, layers, collate(rows, tokenizer.pad_token_id, "sdpa"), n_target)
+    attention = packed_attention.use_for_packing(model)
+    assert attention == packed_attention.NAME
+    packed_loss, packed_grads = loss_and_grads(model, layers, collate(rows, tokenizer.pad_token_id, attention), n_target)
     torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=0)
     for key, grad in grads.items():
         scale = float(grad.abs().max())
@@ -120,3 +126,27 @@ def test_a_packed_run_resumes_bit_identically(tiny_model_dir, tmp_path):
     assert reference.keys() == resumed.keys() and all(torch.equal(reference[k], resumed[k]) for k in reference)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 4] and all(r["pad_fraction"] < 0.2 for r in records)
+
+
+def test_packed_attention_is_plain_sdpa_on_batches_that_are_not_packed():
+    """After a packed run switches the model to it, evaluation and left-padded generation batches get SDPA's
+    own result (its mask included)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(attn_implementation="sdpa")).double().eval()
+    ids = torch.randint(3, 100, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    mask[1, :2] = 0
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        assert packed_attention.use_for_packing(model) == packed_attention.NAME
+        got = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_segment_bounds_read_the_examples_from_position_ids():
+    assert packed_attention.segment_bounds(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])) == [0, 3, 5, 9]
+    assert packed_attention.segment_bounds(torch.tensor([[0, 1, 2, 3]])) is None  # one example
+    assert packed_attention.segment_bounds(torch.tensor([[0, 1, 0], [0, 1, 2]])) is None  # not one row
