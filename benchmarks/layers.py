@@ -2,9 +2,10 @@
 
 For each shape of SmolLM2's seven targets, one frozen ``nn.Linear`` alone and wrapped in LoRA r=6
 (RandLoRA r=32's parameter count on the whole model) and in RandLoRA r=32 with uniform (dense) and
-sparse (s = √D) bases. The input needs a gradient, as every projection's does inside a model. Times
-are this process's CPU time (``time.process_time``, one thread by default: the compute without the
-waits other processes add), the variants stepped in turn so that contention hits them alike; the
+sparse (s = √D) bases, the latter with one shared A and with one A_j per term (``keep_rank``). The
+input needs a gradient, as every projection's does inside a model. Times are this process's CPU time
+(``time.process_time``, one thread by default: the compute without the waits other processes add), the
+variants stepped in turn so that contention hits them alike; the
 median of ``--steps``; glibc's mmap threshold fixed as in run.py's timed steps (else fresh buffers are
 mapped and faulted in on every call). A second table times the adapters' own part (``delta``) alone,
 forward and backward. ``--profile`` adds torch.profiler's self-CPU shares for the sparse layer (the
@@ -31,6 +32,8 @@ VARIANTS = {
     "LoRA r=6": dict(type="lora", r=6, alpha=12),
     "RandLoRA dense": dict(type="randlora", r=32, alpha=640, basis="uniform"),
     "RandLoRA sparse": dict(type="randlora", r=32, alpha=640, basis="sparse"),
+    # one sparse A_j per term (full rank): the M-gradient becomes torch's sampled product
+    "RandLoRA sparse keep_rank": dict(type="randlora", r=32, alpha=640, basis="sparse", keep_rank=True),
 }
 
 

@@ -47,12 +47,13 @@ TASKS = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", 
 # decaying to ~2.4 (the B term, which has zero gradient at B = 0) as A's rows normalise: comparable with
 # the LM loss. See docs/results.md.
 ORTH_REG = 1.0e-3
-# LoRA²'s dual regulariser has the same problem: with lrft's default orth_reg 0.1, summed over 150 layers and
+# LoRA²'s dual regulariser has the same problem: with orth_reg 0.1 (lrft's default when these runs were made; now
+# 0.001), summed over 150 layers and
 # six Gram penalties each, it starts near 1,220 against an LM loss of ~3.8 (measured: the LM loss did not move
 # in 20 steps). 2.5e-4 starts it near 3.
 LORA2_ORTH_REG = 2.5e-4
 RANK_TOL = 0.1  # second rank count for exp1 / exp3: singular values above 10 % of the largest
-RM_R = 16  # R for experiment 1 (the paper's Table 5 uses 32/64/80 on DeBERTaV3; 16 fits the CPU budget)
+RM_R = 16  # R for experiment 1 (the paper's Table 5 uses 32/64/80 on ViT-B/16's CIFAR-100 head; 16 fits the CPU budget)
 
 # name -> (recipe type, overrides, label, experiments)
 RUNS: dict[str, dict] = {
@@ -475,6 +476,155 @@ def plot_allocation(layers: list[dict], path: Path, title: str) -> bool:
     return True
 
 
+def default_orth_reg() -> str:
+    """lrft's current default ``orth_reg`` (RM-LoRA; AdaLoRA and LoRA² share it), read from the code."""
+    try:
+        sys.path.insert(0, str(ROOT))
+        from lrft.adapters.rmlora import DEFAULT_ORTH_REG
+
+        return f"{DEFAULT_ORTH_REG:g}"
+    except ImportError:
+        return "–"
+
+
+def recipe_learning_rate(kind: str) -> str:
+    text = (ROOT / "recipes" / f"smollm2-commonsense-{kind}.yaml").read_text()
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(":")
+        if key == "learning_rate":
+            return f"{float(value.split('#')[0]):g}"
+    return "–"
+
+
+def reading_facts(runs: dict, inspect: dict, base: dict | None, settings: dict, results: Path) -> dict[str, str]:
+    """Every measured number the hand-written readings quote (``{{key}}`` in experiments/readings.md), from the
+    result files: the first seed's record where a reading speaks of one run. A fact whose runs are missing (a
+    partial rerun into a scratch folder) is left out and rendered as "–"."""
+    facts: dict[str, str] = {}
+    steps, batch = settings["steps"], settings["batch_size"]
+    facts.update(steps=str(steps), examples=str(steps * batch), lr=f"{settings['lr']:g}" if settings["lr"] != "recipe" else "recipe")
+    any_rec = next(iter(next(iter(runs.values())).values()))
+    n_task = any_rec["eval_loglik"]["limit"]
+    n_total = sum(t["n"] for t in any_rec["eval_loglik"]["tasks"].values())
+    facts["limit"] = str(n_task)
+    facts["noise_band"] = f"{2 * math.sqrt(2) * 100 * binomial_se(0.5, n_total):.0f}"
+    facts["default_orth_reg"] = default_orth_reg()
+    facts["scale_up"] = f"{300 * 16 / (steps * batch):.0f}"  # the command the overall reading proposes
+    first = {name: recs[min(recs)] for name, recs in runs.items()}
+
+    def summary(exp: str, name: str, key: str = "default") -> dict:
+        return rank_summary(inspect, exp, name, key)[0]
+
+    def layers(exp: str, name: str) -> list[dict]:
+        data = inspect[exp][min(inspect[exp])]
+        return data["reports"][name]["default"]["layers"]
+
+    def losses(short: str, name: str) -> None:
+        facts[f"train_{short}"] = f"{mean_last(first[name]['metrics'], 'loss'):.3f}"
+        facts[f"held_{short}"] = f"{heldout(first[name]):.3f}"
+
+    def attempt(fn) -> None:
+        try:
+            fn()
+        except (KeyError, IndexError, StopIteration, ValueError, ZeroDivisionError):
+            pass
+
+    if base is not None:
+        facts["held_base"] = f"{heldout(base):.3f}"
+    for short, name in [("lora", "lora-r16"), ("gm", "gmlora-r16"), ("r", "rlora-r16"), ("rm", "rmlora-r16"),
+                        ("rand", "randlora-r10"), ("lora2", "lora2-k16-R16"), ("s6", "randlora-r10-sparse6"),
+                        ("sqrtd", "randlora-r10-sparse-sqrtD")]:
+        attempt(lambda: losses(short, name))
+
+    def exp1() -> None:
+        names = {"lora": "lora-r16", "gm": "gmlora-r16", "r": "rlora-r16", "rm": "rmlora-r16"}
+        for short, name in names.items():
+            d, t = summary("exp1", name), summary("exp1", name, f"tol{RANK_TOL:g}")
+            facts[f"erank_{short}"] = f"{d['mean_effective_rank']:.2f}"
+            facts[f"r10_{short}"] = f"{t['mean_rank']:.1f}"
+            facts[f"orthA_{short}"] = f"{d['mean_orth_loss_A']:.2f}"
+            facts[f"sigma_{short}"] = f"{d['mean_sigma_max']:.3f}"
+            facts[f"fro_{short}"] = f"{d['mean_fro_norm']:.3f}"
+        eranks = [summary("exp1", names[k])["mean_effective_rank"] for k in ("gm", "r", "rm")]
+        facts["erank_spread"] = f"{min(eranks):.2f}–{max(eranks):.2f}"
+        ratio = [summary("exp1", names[k])["mean_sigma_max"] / summary("exp1", "lora-r16")["mean_sigma_max"] for k in ("gm", "rm")]
+        facts["mask_sigma_ratio"] = f"{min(ratio):.2f}–{max(ratio):.2f}"
+        facts["r_exp1"] = f"{summary('exp1', 'lora-r16')['mean_rank']:.0f}"
+        orth = [summary("exp1", n)["mean_orth_loss"] for n in names.values()]
+        facts["orth_min"], facts["orth_max"] = f"{min(orth):.2f}", f"{max(orth):.2f}"
+        facts["mean_out"] = f"{statistics.mean(row['shape'][0] for row in layers('exp1', 'lora-r16')):.1f}"
+        facts["exp1_max_sigma"] = f"{max(row['sigma_max'] for n in names.values() for row in layers('exp1', n)):.2f}"
+
+    def exp2() -> None:
+        d = summary("exp2", "randlora-r10")
+        facts["rand_rank"], facts["rand_bound"] = f"{d['mean_rank']:.1f}", f"{d['mean_rank_bound']:.1f}"
+        facts["rand_min_layer_pct"] = f"{100 * min(row['rank'] / row['rank_bound'] for row in layers('exp2', 'randlora-r10')):.0f} %"
+        facts["lora_r"] = str(RUNS["lora-r16"]["sets"]["adapter.r"])
+        facts["nola_r"] = str(RUNS["nola-r8"]["sets"]["adapter.r"])
+        vera_r = RUNS["vera-r256"]["sets"]["adapter.r"]
+        facts["vera_r"] = str(vera_r)
+        wide = [row for row in layers("exp2", "vera-r256") if min(row["shape"]) == 576]
+        facts["vera_frac"] = f"{100 * statistics.mean(row['rank'] / 576 for row in wide):.0f} %"
+        trainable = {n: first[n]["run"]["trainable_parameters"] for n in ("randlora-r10", "vera-r256", "nola-r8")}
+        facts["param_ratio"] = f"{trainable['randlora-r10'] / trainable['vera-r256']:.0f}"
+        n_layers = summary("exp2", "vera-r256")["layers"]
+        facts["vera_per_layer"] = f"{trainable['vera-r256'] / n_layers:.0f}"
+        facts["nola_per_layer"] = f"{trainable['nola-r8'] / n_layers:.0f}"
+        rand, lora = RUNS["randlora-r10"]["sets"], RUNS["lora-r16"]["sets"]
+        rand_scaling, lora_scaling = rand["adapter.alpha"] / rand["adapter.r"], lora["adapter.alpha"] / lora["adapter.r"]
+        facts["rand_scaling"], facts["lora_scaling"] = f"{rand_scaling:g}", f"{lora_scaling:g}"
+        facts["scaling_ratio"] = f"{rand_scaling / lora_scaling:g}"
+        facts["rand_r"] = str(rand["adapter.r"])
+
+    def exp3() -> None:
+        ranks = first["lora2-k16-R16"]["adapter_config"]["summary"]["ranks"]
+        by_module: dict[str, list[int]] = {}
+        for lname, rank in ranks.items():
+            by_module.setdefault(lname.split(".")[-1], []).append(rank)
+        facts["lora2_kept"] = str(sum(ranks.values()))
+        facts["lora2_range"] = f"{min(ranks.values())}–{max(ranks.values())}"
+        means = [statistics.mean(v) for v in by_module.values()]
+        facts["lora2_means"] = f"{min(means):.1f}–{max(means):.1f}"
+        facts["lora2_zero"] = "no" if not any(v == 0 for v in ranks.values()) else str(sum(v == 0 for v in ranks.values()))
+        facts["lora2_recipe_lr"] = recipe_learning_rate("lora2")
+
+    def exp4() -> None:
+        facts["zeros_s6"] = f"{100 * sparse_zero_fraction(6.0)['overall']:.0f} %"
+        facts["zeros_sqrtd"] = f"{100 * sparse_zero_fraction(None)['overall']:.0f} %"
+        d = summary("exp4", "randlora-r10-sparse-sqrtD")
+        facts["sqrtd_rank"], facts["sqrtd_bound"] = f"{d['mean_rank']:.1f}", f"{d['mean_rank_bound']:.1f}"
+        facts["sqrtd_rank_pct"] = f"{100 * d['mean_rank'] / d['mean_rank_bound']:.0f} %"
+        facts["sqrtd_expected"] = f"{expected_sparse_rank(None):.1f}"
+        facts["sqrtd_zero_cols_pct"] = f"{100 * (1 - expected_sparse_rank(None) / d['mean_rank_bound']):.0f} %"
+
+    def generate() -> None:
+        gen = [r for r in first.values() if "eval_generate" in r]
+        lim = gen[0]["eval_generate"]["limit"]
+        facts["gen_limit"], facts["gen_n"] = str(lim), str(8 * lim)
+        evaluated = sum(sum(t["n"] for t in r["eval_loglik"]["tasks"].values()) for r in first.values())
+        facts["loglik_s"] = f"{sum(r['wall_s']['eval'] for r in first.values()) / evaluated:.1f}"
+
+    def overall() -> None:
+        rm = first["rlora-r16"]["metrics"][0]
+        facts["rm_ratio"] = f"{(0.1 / ORTH_REG) * rm['extra_loss'] / rm['loss']:.0f}"
+        m = read_metrics(results / "discarded" / "lora2-k16-R16-orth0.1-s42.metrics.jsonl")
+        facts["lora2_ratio"] = f"{m[0]['extra_loss'] / m[0]['loss']:.0f}"
+
+    for part in (exp1, exp2, exp3, exp4, generate, overall):
+        attempt(part)
+    return facts
+
+
+def fill_facts(text: str, facts: dict[str, str]) -> str:
+    """Replace every ``{{key}}`` by its fact; an unknown key is rendered "–" and named on stdout."""
+    import re
+
+    missing = sorted({key for key in re.findall(r"\{\{(\w+)\}\}", text) if key not in facts})
+    if missing:
+        print(f"[note] readings quote facts these results do not have, rendered as –: {', '.join(missing)}", flush=True)
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: facts.get(m.group(1), "–"), text)
+
+
 def render(results: Path, doc: Path, args) -> None:
     runs, inspect, base = load_results(results)
     if not runs:
@@ -499,8 +649,9 @@ def render(results: Path, doc: Path, args) -> None:
             w(f"![{exp} spectra](results-{exp}-spectra.png)\n")
         w(f"<!-- reading:{exp} -->\n")
     w("# Results: the papers' findings at laptop scale\n")
-    w("Generated by `experiments/commonsense.py` from `experiments/results/*.json`; every number below is read "
-      "from those files (nothing typed by hand). Rerun everything, or one experiment, with:\n")
+    w("Generated by `experiments/commonsense.py` from `experiments/results/*.json`; every measured number below is "
+      "read from those files (nothing typed by hand; the readings' numbers are filled in from them too), and numbers "
+      "attributed to a paper are quoted from it. Rerun everything, or one experiment, with:\n")
     w("```\npython experiments/commonsense.py                       # all four experiments, seed 42 (this page)\n"
       "python experiments/commonsense.py --only exp1           # one experiment (exp1..exp4) or a run name\n"
       "python experiments/commonsense.py --seeds 42,43,44      # 3 seeds: tables then show mean ± std\n"
@@ -543,10 +694,18 @@ def render(results: Path, doc: Path, args) -> None:
       "accuracy columns show ± one binomial standard error (single seed) or ± the standard deviation over seeds.\n")
     w(f"**Scale.** Each run sees {settings['steps']} × {settings['batch_size']} = "
       f"{settings['steps'] * settings['batch_size']} training examples. That is what the CPU budget of this page "
-      "allowed (about an hour for all ten runs on two cores shared with other jobs); it is far from the papers' "
-      "epochs over 15k-170k examples, so the accuracy columns test little more than \"does not break the model\". "
-      "The rank, spectrum, orthogonality and allocation columns are properties of the trained ΔW and are "
-      "informative at any length. `--steps`, `--batch-size` and `--limit` scale the whole study up.\n")
+      f"allowed ({(total_train + total_eval) / 60:.0f} min of training and evaluation for the "
+      f"{sum(len(recs) for recs in runs.values())} runs on two cores shared with other jobs), far from the papers' "
+      "epochs over 15k-170k examples, and it limits what each column can show. Bounds that follow from the "
+      "parameterisation hold after any number of steps: LoRA's rank ≤ r, RandLoRA's (near) full rank, the rank "
+      "ceiling of sparse RandLoRA bases that share one A (section 4) and LoRA²'s pruning budget. Everything else "
+      f"describes the ΔW of a {settings['steps']}-step run, not of a trained one: the accuracy columns test little "
+      "more than \"does not break the model\"; the LoRA-family spectra are those of an update whose singular values "
+      "are all still well below 1, so ‖ΔWΔWᵀ−I‖² mostly measures the layer width (section 1), and how flat a "
+      "spectrum is may change as training goes on; LoRA²'s allocation comes from importance scores of a ΔW that has barely "
+      "moved (section 3); and a loss after so few steps at one shared learning rate measures early speed, not "
+      "the converged minima the papers compare. `--steps`, `--batch-size` and `--limit` scale the whole study "
+      "up.\n")
     w("**No validation during training.** The runs set `training.eval_steps: null`: on this machine's CPU "
       "(AVX512-BF16) bitsandbytes repacks a 4-bit weight for inference the first time the layer runs in eval "
       "mode without gradients, and from then on the layer's forward has no autograd, so gradients stopped flowing "
@@ -660,16 +819,17 @@ def render(results: Path, doc: Path, args) -> None:
                      "LoRA r = 16 (k·(in + out) + 2kR + R per layer against r·(in + out)).")
     parts.append("The importance pruning cuts the R = 16 singular values to a budget of 8 per layer on average "
                  "(AdaLoRA's cubic schedule: warm-up 10 %, final 30 % of the steps). "
-                 f"`orth_reg: {LORA2_ORTH_REG:g}`, not the default 0.1:")
+                 f"`orth_reg: {LORA2_ORTH_REG:g}`, not the 0.1 that was lrft's LoRA² default when these runs were "
+                 f"made (the default is now {default_orth_reg()}, as for RM-LoRA and AdaLoRA):")
     discarded = results / "discarded" / "lora2-k16-R16-orth0.1-s42.metrics.jsonl"
     if discarded.exists():
         m = read_metrics(discarded)
-        parts.append(f"a first run with the default (its metrics are kept in `{discarded.relative_to(ROOT)}`) started "
+        parts.append(f"a first run with 0.1 (its metrics are kept in `{discarded.relative_to(ROOT)}`) started "
                      f"with a regulariser term of {m[0]['extra_loss']:.0f} against an LM loss of {m[0]['loss']:.2f}, "
                      f"{m[0]['extra_loss'] / m[0]['loss']:.0f}×; its gradient norm stayed near {m[-1]['grad_norm']:.1f} "
                      "(clipped to 1, so nearly all of each update served the regulariser).")
-    parts.append("Same issue as RM-LoRA's: the Gram penalties are summed over layers, so the default's weight "
-                 "grows with the model's depth.")
+    parts.append("Same issue as RM-LoRA's: the Gram penalties are summed over layers, so a given weight "
+                 "counts for more the more layers are adapted.")
     w(" ".join(parts) + "\n")
     names = [n for n in EXPERIMENTS["exp3"] if n in runs]
     rows = []
@@ -741,7 +901,10 @@ def render(results: Path, doc: Path, args) -> None:
       "smaller side that no term can ever reach. With r = 10 rows and a fraction 1 − 2/s of zeros, a column is all "
       "zero with probability (1 − 2/s)^10, so rank(ΔW) ≤ d·(1 − (1 − 2/s)^10) in expectation: the "
       "`expected rank` column (mean over the 150 layers). The measured ranks follow it. Every layer of one "
-      "shape shares the same A (same seed), so they all lose the same columns.\n")
+      "shape shares the same A (same seed), so they all lose the same columns. These runs use that one shared A, "
+      "lrft's default and what the paper's eq. 4, the authors' code and PEFT do; `adapter.keep_rank: true` draws "
+      "a separate sparse A_j for every term (eq. 3) and keeps full rank at the same sparsity (docs/adapters.md), "
+      "and lrft warns when a sparse setting's expected rank is below 90 % of d.\n")
     w(per_task_table(runs, names, base) + "\n")
     loss_curves_spectra_reading("exp4", names)
 
@@ -776,6 +939,7 @@ def render(results: Path, doc: Path, args) -> None:
                 sections[current].append(line)
         for key, lines in sections.items():
             text = text.replace(key, "\n".join(lines).strip() + "\n")
+        text = fill_facts(text, reading_facts(runs, inspect, base, settings, results))
     doc.write_text(text)
     print(f"rendered {doc}", flush=True)
 

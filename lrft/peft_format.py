@@ -22,7 +22,8 @@ RandLoRA's ordering: PEFT stacks the n·r scaled rows of A rank-major (row i·n 
 B's columns term-major (column j·r + i), and pairs row k with column k; lrft pairs B's column j·r + i
 with term j, rank i. So B's columns are permuted on the way in and back on the way out. PEFT keeps one
 pair of bases for the whole model where lrft draws one per layer shape: importing slices PEFT's pair per
-shape (exact); exporting works only for adapters whose layers all have one shape.
+shape (exact); exporting works only for adapters whose layers all have one shape, and not for sparse
+adapters trained with ``keep_rank`` (one A per term, which PEFT's single A cannot hold).
 
 Importing: :func:`read_peft_folder` returns an :class:`~lrft.adapter_folder.AdapterFolder` whose frozen
 tensors come from the file (``SharedTensors.provided``) rather than lrft's seed, so ``lrft eval``,
@@ -393,6 +394,11 @@ def _adalora_to_peft(folder):
 
 
 def _randlora_to_peft(folder):
+    if getattr(folder.config, "keep_rank", False):
+        raise UserError(
+            "PEFT's RandLoRA has one random A shared by every term, but this adapter was trained with keep_rank: true "
+            "(a separate sparse A per term); merge it into a full model with --format hf instead"
+        )
     shapes = sorted(set(folder.layer_shapes.values()))
     if len(shapes) > 1:
         listed = ", ".join(f"{i}->{o}" for i, o in shapes)

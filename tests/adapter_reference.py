@@ -4,7 +4,8 @@
 explicit loops and diagonals, from the layer's trainable tensors (``tensors``: name -> tensor, the layer's
 own or float64 copies that autograd differentiates) and its frozen ones. Every registered adapter type
 must have an entry: the contract test fails for a type without one. ``CONTRACT_OPTIONS[type]`` are small
-options that exercise the type (defaults: r = 4).
+options that exercise the type (defaults: r = 4); ``CONTRACT_VARIANTS`` adds option sets that change how a
+type builds ΔW (RandLoRA's ``keep_rank``), each checked by the whole contract too.
 """
 
 from __future__ import annotations
@@ -63,15 +64,16 @@ def _nola(layer, t) -> Tensor:
 
 
 def _randlora(layer, t) -> Tensor:
-    """Albert et al. 2025, eq. 4: ΔW = scaling Σ_j B_j Λ_j A Γ_j, A facing the smaller side (ΔW transposed
-    when in > out)."""
-    A = layer.bases.dense_A().double()
+    """Albert et al. 2025, eq. 3: ΔW = scaling Σ_j B_j Λ_j A_j Γ_j, A_j facing the smaller side (ΔW transposed
+    when in > out); A_j = A for every j (eq. 4) unless keep_rank draws one per term."""
+    A_stack = layer.bases.dense_A_stack().double()
     B = layer.bases.dense_B().double()
     r = layer.basis_rank
-    total = torch.zeros(B.shape[0], A.shape[1], dtype=torch.float64)
+    total = torch.zeros(B.shape[0], A_stack.shape[1], dtype=torch.float64)
     for j in range(layer.num_terms):
         B_j = B[:, j * r : (j + 1) * r]
-        total = total + B_j @ torch.diag(t["lambdas"][j].double()) @ A @ torch.diag(t["gammas"][j].double())
+        A_j = A_stack[j * r : (j + 1) * r]
+        total = total + B_j @ torch.diag(t["lambdas"][j].double()) @ A_j @ torch.diag(t["gammas"][j].double())
     total = total * layer.scaling
     return total if layer.in_features <= layer.out_features else total.T
 
@@ -108,8 +110,25 @@ CONTRACT_OPTIONS: dict[str, dict] = {
 }
 
 
+# Options that change how a type builds ΔW, each run through the whole contract beside the type's own
+# CONTRACT_OPTIONS (the test id is the key): case id -> (type, options).
+CONTRACT_VARIANTS: dict[str, tuple[str, dict]] = {
+    # one sparse A_j per term (eq. 3) instead of one shared A: its own bases and its own gradient path
+    "randlora-keep_rank": ("randlora", {"r": 12, "alpha": 24, "basis": "sparse", "sparsity": 4, "keep_rank": True}),
+}
+
+
 def options_for(kind: str) -> dict:
     return dict(CONTRACT_OPTIONS.get(kind, {"r": 4}))
+
+
+def contract_cases(kinds) -> list:
+    """pytest params (type, options) for every registered type and every variant, with readable ids."""
+    import pytest
+
+    cases = [pytest.param(kind, options_for(kind), id=kind) for kind in kinds]
+    cases += [pytest.param(kind, dict(options), id=case) for case, (kind, options) in CONTRACT_VARIANTS.items()]
+    return cases
 
 
 def naive_of(layer) -> Tensor:

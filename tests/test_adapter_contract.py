@@ -1,6 +1,8 @@
 """The contract every registered adapter type keeps, checked over the registry (a new type is checked
 without touching this file; it needs a naive reference in adapter_reference.NAIVE and its parameter
-count in adapter_reference.PARAMETERS):
+count in adapter_reference.PARAMETERS). Each type runs with its ``CONTRACT_OPTIONS``, and again with every
+option set of ``CONTRACT_VARIANTS`` (options that change how the type builds ΔW, such as RandLoRA's sparse
+``keep_rank``):
 
 * the trainable parameter count is the paper's formula (adapter_reference.PARAMETERS), as ``num_trainable`` says;
 * ΔW = 0 at initialisation, so training starts from the base model;
@@ -15,16 +17,18 @@ import json
 import pytest
 import torch
 
-from adapter_reference import NAIVE, PARAMETERS, build_layer, check_all, naive_figures, options_for, randomize_trainables
+from adapter_reference import NAIVE, PARAMETERS, build_layer, check_all, contract_cases, naive_figures, randomize_trainables
 from lrft.adapters import get_adapter, known_types
 
 TYPES = known_types()
+# every type with its CONTRACT_OPTIONS, and the option variants of adapter_reference.CONTRACT_VARIANTS
+CASES = contract_cases(TYPES)
 BASES = ["none", "nf4", "fp4", "int8"]
 # LLM.int8 quantizes the activations too, so its kernel is not x·Wᵀ; adapters whose output rescales the
 # base output (DoRA) cannot equal x·(W + ΔW)ᵀ on it and are checked against the kernel in their own file
 FORWARD_CASES = [
-    (kind, base) for kind in TYPES for base in BASES
-    if not (base == "int8" and get_adapter(kind).layer.needs_base_weight)
+    pytest.param(*case.values, base, id=f"{case.id}-{base}") for case in CASES for base in BASES
+    if not (base == "int8" and get_adapter(case.values[0]).layer.needs_base_weight)
 ]
 
 
@@ -33,27 +37,27 @@ def test_every_registered_type_has_a_reference():
     assert set(TYPES) <= set(PARAMETERS), f"add the paper's parameter count for {sorted(set(TYPES) - set(PARAMETERS))}"
 
 
-@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("kind, options", CASES)
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
-def test_parameter_count_is_the_formula(kind, shape):
-    layer = build_layer(kind, "none", *shape, randomize=False)
+def test_parameter_count_is_the_formula(kind, options, shape):
+    layer = build_layer(kind, "none", *shape, randomize=False, **options)
     count = sum(p.numel() for name, p in layer.named_parameters() if p.requires_grad and not name.startswith("base_layer."))
     assert count == layer.num_trainable(*shape, layer.config) == PARAMETERS[kind](*shape, layer.config) > 0
 
 
-@pytest.mark.parametrize("kind", TYPES)
-def test_starts_from_the_base_model(kind):
-    layer = build_layer(kind, "none", 64, 48, randomize=False)
+@pytest.mark.parametrize("kind, options", CASES)
+def test_starts_from_the_base_model(kind, options):
+    layer = build_layer(kind, "none", 64, 48, randomize=False, **options)
     assert torch.count_nonzero(layer.delta_weight()) == 0
     x = torch.randn(3, 64)
     with torch.no_grad():
         assert torch.equal(layer.eval()(x), layer.base_layer(x))
 
 
-@pytest.mark.parametrize("kind, base", FORWARD_CASES)
+@pytest.mark.parametrize("kind, options, base", FORWARD_CASES)
 @pytest.mark.parametrize("shape", [(64, 128), (128, 64)])
-def test_forward_delta_weight_and_gradients_match_the_naive_reference(kind, base, shape):
-    check_all(build_layer(kind, base, *shape))
+def test_forward_delta_weight_and_gradients_match_the_naive_reference(kind, options, base, shape):
+    check_all(build_layer(kind, base, *shape, **options))
 
 
 # --- on disk: reload, merge, inspect --------------------------------------------------------------------
@@ -70,17 +74,17 @@ def load(folder, bits):
     return load_base_model(model_section, quant, torch.device("cpu")), model_section, quant
 
 
-@pytest.fixture(scope="module", params=TYPES)
+@pytest.fixture(scope="module", params=[pytest.param(case.values, id=case.id) for case in CASES])
 def saved(request, tiny_base, tmp_path_factory):
-    """An adapter of each type on the 4-bit tiny base, trainables randomized, saved; with its in-memory
-    layers and model for comparison."""
+    """An adapter of each type (and variant) on the 4-bit tiny base, trainables randomized, saved; with its
+    in-memory layers and model for comparison."""
     from lrft.adapter_folder import base_record, save_adapter
     from lrft.inject import inject_adapters
     from lrft.model import Dtypes
 
-    kind = request.param
+    kind, options = request.param
     model, model_section, quant = load(tiny_base, 4)
-    config = get_adapter(kind).config(type=kind, target_modules=TARGETS, **options_for(kind))
+    config = get_adapter(kind).config(type=kind, target_modules=TARGETS, **options)
     torch.manual_seed(1)
     layers = inject_adapters(model, config)
     for layer in layers.values():

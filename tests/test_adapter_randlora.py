@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -6,9 +7,9 @@ from pydantic import ValidationError
 
 from adapter_reference import NAIVE, build_layer, check_all, naive_of
 from conftest import make_linear
-from lrft.adapters import get_adapter
+from lrft.adapters import get_adapter, randlora
 from lrft.adapters.base import SharedTensors
-from lrft.adapters.randlora import forming_is_cheaper
+from lrft.adapters.randlora import expected_sparse_rank, forming_is_cheaper
 from lrft.errors import UserError
 
 SPEC = get_adapter("randlora")
@@ -71,10 +72,11 @@ def test_cost_rule():
     assert forming_is_cheaper(16384, 14336, 4096, 4110, backward=False)
 
 
-def test_forward_saves_no_scaled_basis():
+@pytest.mark.parametrize("options", [{}, {"basis": "sparse", "sparsity": 4, "keep_rank": True}])
+def test_forward_saves_no_scaled_basis(options):
     """The autograd graph keeps x, Λ and Γ, never an n·r×d tensor (M) nor a D×d one (ΔW)."""
     for shape in [(96, 160), (160, 96)]:
-        layer = build_layer("randlora", "none", *shape, r=8)
+        layer = build_layer("randlora", "none", *shape, r=8, **options)
         stacked_basis_size = layer.num_terms * layer.basis_rank * layer.small_features
         saved = []
 
@@ -199,11 +201,13 @@ def test_config_validation():
         SPEC.config(type="randlora", basis="ternary")
     with pytest.raises(UserError, match="sparsity"):
         build_layer("randlora", "none", 64, 144, r=8, basis="sparse", sparsity=13)  # sqrt(144) = 12
+    with pytest.raises(ValidationError, match="keep_rank applies only to basis: sparse"):
+        SPEC.config(type="randlora", basis="uniform", keep_rank=True)
 
 
-@pytest.mark.parametrize("basis", ["uniform", "sparse"])
-def test_autocast_bfloat16(basis):
-    layer = build_layer("randlora", "int8", 128, 64, frozen_dtype=torch.bfloat16, r=8, basis=basis)
+@pytest.mark.parametrize("basis, extra", [("uniform", {}), ("sparse", {}), ("sparse", {"keep_rank": True})])
+def test_autocast_bfloat16(basis, extra):
+    layer = build_layer("randlora", "int8", 128, 64, frozen_dtype=torch.bfloat16, r=8, basis=basis, **extra)
     x = torch.randn(2, 5, 128, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
@@ -212,3 +216,102 @@ def test_autocast_bfloat16(basis):
     out.float().pow(2).sum().backward()
     assert x.grad.dtype == torch.float32 and layer.lambdas.grad.dtype == torch.float32
     assert layer.lambdas.grad.abs().sum() > 0 and layer.gammas.grad.abs().sum() > 0
+
+
+# --- keep_rank: one sparse A_j per term -----------------------------------------------------------------
+
+def float64_delta(layer):
+    """ΔW = scaling · B·[Λ_j A_j Γ_j]_j (ΔW transposed when in > out) in float64 from the layer's own
+    tensors, vectorised (the naive loop of adapter_reference takes seconds at 576×1536)."""
+    bases = layer.bases
+    n, r, d = layer.num_terms, layer.basis_rank, layer.small_features
+    A = bases.dense_A_stack().double().view(n, r, d)
+    M = (A * layer.lambdas.detach().double()[:, :, None] * layer.gammas.detach().double()[:, None, :]).view(n * r, d)
+    delta = bases.dense_B().double() @ M * layer.scaling
+    return delta if layer.input_is_small else delta.T
+
+
+def test_keep_rank_restores_full_rank_of_sparse_bases():
+    """SmolLM2's 576→1536 shape at r = 10, s = sqrt(1536): one shared sparse A leaves about 59 % of the
+    input directions unread (expected rank d·(1 − (1 − 2/s)^r) ≈ 235 of 576; measured 223), and ΔW's
+    numerical rank, with the trainable diagonals randomised, stays there; one A_j per term reaches d."""
+    ranks = {}
+    for keep_rank in (False, True):
+        layer = build_layer("randlora", "none", 576, 1536, r=10, basis="sparse", keep_rank=keep_rank)
+        assert layer.sparsity == pytest.approx(math.sqrt(1536))
+        delta = float64_delta(layer)
+        torch.testing.assert_close(layer.delta_weight().double(), delta, atol=1e-5 * delta.abs().max().item(), rtol=0)
+        ranks[keep_rank] = torch.linalg.matrix_rank(delta).item()
+        reached = int((layer.bases.dense_A_stack().abs().sum(0) > 0).sum())  # columns some A_j reads
+        assert ranks[keep_rank] <= reached
+    expected = expected_sparse_rank(576, 10, math.sqrt(1536))
+    assert 200 < expected < 270 and abs(ranks[False] - expected) < 40
+    assert ranks[False] < 0.5 * 576
+    assert ranks[True] == 576
+
+
+def test_keep_rank_bases_are_per_term_and_shared_between_layers():
+    shared = SharedTensors(0)
+    first = build_sharing(shared, 48, 80, r=8, basis="sparse", sparsity=4, keep_rank=True)
+    again = build_sharing(shared, 80, 48, r=8, basis="sparse", sparsity=4, keep_rank=True)
+    assert again.bases.A_tiled is first.bases.A_tiled and again.bases.B is first.bases.B
+    plain = build_sharing(shared, 48, 80, r=8, basis="sparse", sparsity=4)
+    assert plain.bases.A_tiled is not first.bases.A_tiled and plain.bases.B is first.bases.B  # B is the same draw
+    stack = first.bases.dense_A_stack().view(first.num_terms, 8, 48)
+    assert not torch.equal(stack[0], stack[1])  # every term has its own A_j
+    density = torch.count_nonzero(stack).item() / stack.numel()
+    assert abs(density - 2 / 4) < 0.1 * (2 / 4)
+    assert first.bases.A_columns is None  # no padded rows: the gradient of M is a sampled product
+    with pytest.raises(ValueError, match="dense_A_stack"):
+        first.bases.dense_A()
+    assert "keep_rank" in repr(first)
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48), (64, 64)])
+def test_keep_rank_matches_naive_reference(shape):
+    check_all(build_layer("randlora", "none", *shape, r=8, basis="sparse", sparsity=6, keep_rank=True))
+
+
+def test_low_expected_rank_warns_once_with_the_fix(monkeypatch, capsys):
+    monkeypatch.setattr(randlora, "_WARNED", set())
+    build_layer("randlora", "none", 576, 1536, r=10, basis="sparse", randomize=False)
+    build_layer("randlora", "none", 1536, 576, r=10, basis="sparse", randomize=False)  # same d, r, s: once
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1
+    assert "expected rank is 235 (41% of d)" in err and "adapter.keep_rank: true" in err
+    assert "adapter.sparsity <= 9.7" in err and "adapter.r >= 44" in err
+    # the fixes it names silence it
+    build_layer("randlora", "none", 576, 1536, r=10, basis="sparse", keep_rank=True, randomize=False)
+    build_layer("randlora", "none", 576, 1536, r=10, basis="sparse", sparsity=9.7, randomize=False)
+    build_layer("randlora", "none", 576, 1536, r=44, basis="sparse", randomize=False)
+    assert expected_sparse_rank(576, 10, 9.7) >= 0.9 * 576 and expected_sparse_rank(576, 44, math.sqrt(1536)) >= 0.9 * 576
+    assert "warning:" not in capsys.readouterr().err
+
+
+def test_keep_rank_adapter_trains_and_inspect_rank_reports_full_rank(tiny_model_dir, tmp_path):
+    """`lrft train` a few steps of sparse RandLoRA (s = sqrt(D), r = 4) on the tiny 4-bit Llama, then
+    `lrft inspect-rank`: with keep_rank every layer's ΔW has rank min(in, out); with one shared A the
+    unread input directions stay unread after training."""
+    from typer.testing import CliRunner
+
+    from lrft.cli import app
+
+    ranks = {}
+    for keep_rank in (True, False):
+        run = tmp_path / f"keep_rank-{keep_rank}"
+        result = CliRunner().invoke(app, [
+            "train", "recipes/smollm2-commonsense-randlora.yaml", "--set", f"model.name_or_path={tiny_model_dir}",
+            "--set", "adapter.r=4", "--set", "adapter.basis=sparse", "--set", f"adapter.keep_rank={str(keep_rank).lower()}",
+            "--set", "data.cutoff_len=64", "--set", "data.val_size=4", "--set", "training.batch_size=4",
+            "--set", "training.warmup_steps=0", "--set", "training.learning_rate=1e-2", "--max-steps", "3",
+            "--output-dir", str(run),
+        ])
+        assert result.exit_code == 0, result.output
+        assert json.loads((run / "adapter" / "adapter_config.json").read_text())["adapter"]["keep_rank"] is keep_rank
+        result = CliRunner().invoke(app, ["inspect-rank", str(run / "adapter"), "--json", str(run / "rank.json")])
+        assert result.exit_code == 0, result.output
+        rows = json.loads((run / "rank.json").read_text())["layers"]
+        assert len(rows) == 2 * 5
+        ranks[keep_rank] = {row["name"]: (row["rank"], row["rank_bound"]) for row in rows}
+    assert all(rank == bound == 32 or rank == bound == 64 for rank, bound in ranks[True].values())
+    assert all(rank < bound for rank, bound in ranks[False].values())

@@ -137,3 +137,26 @@ def test_export_then_import_keeps_every_layers_delta(kind, tiny_base, tmp_path):
         for name, layer in layers.items():
             rebuilt = reloaded[name] if kind == "dora" else imported.layer(name)
             torch.testing.assert_close(rebuilt.delta_weight(), layer.delta_weight(), atol=1e-6, rtol=1e-5)
+
+
+def test_export_refuses_keep_rank_randlora(tiny_base, tmp_path):
+    """PEFT's RandLoRA has one A for every term: an adapter with a sparse A_j per term (keep_rank) cannot be
+    expressed, and export says so in one line with the fix, writing nothing."""
+    from lrft.adapter_folder import AdapterFolder, base_record, save_adapter
+    from lrft.adapters import get_adapter
+    from lrft.errors import UserError
+    from lrft.inject import inject_adapters
+    from lrft.model import Dtypes, load_base_model
+    from lrft.peft_format import export_peft
+    from lrft.recipe import ModelSection, QuantizationSection
+
+    model_section, quant = ModelSection(name_or_path=str(tiny_base), dtype="float32"), QuantizationSection(bits=None)
+    model = load_base_model(model_section, quant, torch.device("cpu"))
+    config = get_adapter("randlora").config(type="randlora", r=8, basis="sparse", sparsity=4, keep_rank=True,
+                                            target_modules=["q_proj", "o_proj"])  # one layer shape
+    layers = inject_adapters(model, config)
+    save_adapter(tmp_path / "lrft", layers, config, base_record(model_section, quant, Dtypes.resolve(model_section, quant, torch.device("cpu"))))
+    with pytest.raises(UserError, match="keep_rank: true") as raised:
+        export_peft(AdapterFolder.read(tmp_path / "lrft"), tmp_path / "peft")
+    assert "--format hf" in str(raised.value) and "\n" not in str(raised.value)
+    assert not (tmp_path / "peft").exists()

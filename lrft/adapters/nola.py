@@ -17,6 +17,19 @@ Choices, and why
 * Initialisation, as LoRA: α = 0, so ΔW starts at exactly zero, and β uniform in ±√(3 / in) from the
   global generator, which gives the combined B the variance of LoRA's Kaiming-uniform A (1 / (3·in)).
   α gets a gradient on the first step because B ≠ 0 (with both sides at zero neither would move).
+* **This is not the authors' initialisation.** Their LLaMA code (``NOLALinear`` in
+  github.com/UCDvision/NOLA, ``llama/peft/tuners/lora.py``) starts *both* coefficient vectors at zero and
+  adds to each factor a frozen matrix of its own, drawn per layer: Kaiming-uniform (``a = √5``, the same
+  1 / (3·in) variance) on the input factor, zeros on the output factor. So there B = K + Σ β_j B_j with K
+  fixed and β = 0 at the start. lrft has no such offset: B = Σ β_j B_j, with β drawn at random instead.
+  Why: the paper's equation (sec. 3) has no offset, and without it a layer is fully described by its 2k
+  coefficients and the seed (no per-layer frozen r × in matrix to store, save or regenerate). Consequences: (1) the input factor lies in the k-dimensional span of the
+  bases, where the authors' lies in that span shifted by K (K cannot be trained away, since for k < r·in
+  it is almost surely outside the span), so the two parameterise different sets of updates; (2) lrft's β
+  can shrink or rotate the whole input factor, where the authors' input factor stays K plus a learned
+  correction; (3) the start is alike: ΔW = 0, α gets the first gradient, through a random input factor of
+  the same scale, and β gets its first once α has moved. Results therefore need not match the paper's
+  NoLA numbers exactly; tests pin lrft's own definition (tests/test_adapter_nola.py).
 * The bases come from ``config.seed`` through :class:`SharedTensors`, in ``frozen_dtype``, and are
   never saved: every layer with the same output width uses one set of A_i, every layer with the same
   input width one set of B_j (the paper draws independent bases per layer; the coefficients are per

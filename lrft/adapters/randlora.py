@@ -4,7 +4,8 @@ low-rank bases.
     ΔW = scaling · Σ_{j=1..n} B_j Λ_j A Γ_j                                  (paper, eq. 4)
 
 For a layer whose weight is (out, in), let d = min(in, out) and D = max(in, out). B_j (D×r) and A (r×d,
-one matrix shared by the n terms) are frozen and random; Λ_j (r×r) and Γ_j (d×d) are trainable diagonals.
+one matrix shared by the n terms, as in the paper's eq. 4; one A_j per term, eq. 3, with ``keep_rank``) are
+frozen and random; Λ_j (r×r) and Γ_j (d×d) are trainable diagonals.
 n = ceil(d / r), so n·r ≥ d and the sum can reach full rank d. Trainable parameters per layer: n·(r + d).
 When in ≤ out the sum is ΔW itself; when in > out the roles swap and ΔW is its transpose: A always faces
 the smaller side, which keeps Γ, the bulk of the parameters, as small as possible (and is what the
@@ -22,8 +23,36 @@ Choices, and why
   ``uniform`` U(-√3, √3) (the default, best in Table 4), ``normal`` N(0, 1), ``binary`` ±1, and ``sparse``
   (sec. 6.4, Bingham & Mannila / Li et al.): +1 and -1 with probability 1/s each, 0 otherwise (a fraction
   1 - 2/s of zeros: s = 6 gives 66 %, s = √768 ≈ 28 gives 93 %), scaled by √(s/2); 2 ≤ s ≤ √D.
-  ``sparsity`` left unset means s = √D of each layer, Li et al.'s "very sparse" bound, which matched
-  dense bases in Table 4.
+  ``sparsity`` left unset means s = √D of each layer, Li et al.'s "very sparse" bound. What the paper
+  measured of it (Table 4, sec. 6.4, "early results", one run per row, no error bars): CLIP ViT-B/32
+  with both encoders fine-tuned on the 22 classification datasets (its dense-uniform row, 85.98, is
+  Table 3's RandLoRA-6 on 100 % of the data, so presumably r = 6) at 66 / 93 / 98 / 99 % zeros (s = 6,
+  √D with D = 768, 100, 200): 85.43 / 85.57 / 84.35 / 83.34 against 85.98 dense (uniform; 85.61 normal,
+  85.52 binary); and LLaMA3-8B on commonsense at 66 % only (s = 6): 85.42 against 85.59. So √D was
+  measured on one vision-language model, never on a language model, and came within 0.4 points of dense
+  in a single run.
+* **Rank of sparse bases.** ΔW reads its input through A Γ_j only: an input direction k whose column of A
+  is all zero is read by no term, whatever Γ learns. With one shared A a column is empty with probability
+  (1 − 2/s)^r, so the expected rank of ΔW is at most d·(1 − (1 − 2/s)^r): 36 % of d for Table 4's 93 %
+  row (r = 6, s ≈ 28), 11 % and 6 % for its 98 % and 99 % rows, 91 % for 66 %; 41 % on SmolLM2's
+  576×1536 layers at r = 10, s = √1536 (measured: rank 223 of 576, tests/test_adapter_randlora.py). The
+  authors' code and PEFT share A for sparse bases too, so Table 4's √D run trained an update of about a
+  third of full rank: it shows that such an update did as well on that benchmark, not that sparse bases
+  keep RandLoRA full rank, and its loss at 98-99 % confounds sparsity with rank. A layer whose setting
+  expects less than 90 % of d prints a warning once. Filling the empty columns is not enough: M =
+  [Λ_1 A Γ_1; …; Λ_n A Γ_n] has column k equal to A's column k ⊗ (γ_1k, …, γ_nk), and for generic Γ such
+  columns are independent only if every set T of columns has n·rank(A_T) ≥ |T| (the rank of a union of
+  n copies of A's column matroid); the columns that avoid one row of A span at most r − 1 dimensions, so
+  every row of A needs at least d − n(r − 1) ≈ n non-zeros, about d/r, more than the 2d/s of a sparse
+  row when s > 2r (and it is still not sufficient: at r = 10, s = √1536, one A with every empty column
+  filled and full row rank gave rank 574 of 576). ``keep_rank: true`` therefore draws every term's A_j
+  independently (the paper's eq. 3, which eq. 4 simplified "without loss of expressivity", true of dense
+  bases only): a column is then empty with probability (1 − 2/s)^(n·r) ≈ e^(−2d/s), and the n·r × d stack
+  of sparse rows has full rank d with high probability (576 of 576 in the same test). It costs nothing
+  extra in memory (the shared A is stored tiled n times anyway) and about the same time (the gradient of
+  M on its pattern becomes one sampled product, :meth:`RandomBases._per_term_scaling_grads`; measured in
+  docs/adapters.md); it is off by default so that runs stay comparable with the paper's and PEFT's, and
+  PEFT's format, which has one A, cannot hold it.
 * The bases come from ``config.seed`` through :class:`SharedTensors`: every layer with the same d (and r)
   uses one A, every layer with the same (D, n, r) one B, in ``frozen_dtype``; they are never saved.
 
@@ -42,15 +71,18 @@ With nr ≈ d, a forward-only call forms ΔW once T > D; training forms it only 
 T > 1.5·D or so. C is a temporary either way. Sparse bases always use the factored path, computed
 sparse (forming C would throw the sparsity away), in a token-minor layout: activations are transposed
 once to (features, T) on the way in and once back on the way out. Each product with a sparse matrix
-(B, its transpose, and M, whose sparsity pattern is A's tiled n times) is a weighted embedding-bag sum
-over the rows of such an activation, with a CSR row (int32 indices) as the bag. The gradient of M is
-needed only on its non-zeros; since every row of the pattern has the columns of one row of A, it comes
-from one batched dense product per row of A, without a sampled-product kernel.
+(B, its transpose, and M, whose sparsity pattern is A's tiled n times, or the n A_j stacked with
+``keep_rank``) is a weighted embedding-bag sum over the rows of such an activation, with a CSR row (int32
+indices) as the bag. The gradient of M is needed only on its non-zeros; with one shared A every row of the
+pattern has the columns of one row of A, so it comes from one batched dense product per row of A, without
+a sampled-product kernel; with ``keep_rank`` the n·r rows all differ, and torch's sampled product
+(``torch.sparse.sampled_addmm``) computes it on the pattern directly.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,12 +110,24 @@ class RandLoRAConfig(AdapterConfig):
         "2 <= s <= sqrt(larger dimension); unset = sqrt(larger dimension) of each layer",
     )
 
+    keep_rank: bool = Field(
+        False,
+        description="basis: sparse only: draw a separate sparse A_j for every term (the paper's eq. 3) instead of "
+        "one A shared by all terms (eq. 4), so that ΔW can reach full rank at any sparsity; same products and "
+        "memory for the bases, not exportable to PEFT",
+    )
+
     @model_validator(mode="after")
     def _sparsity_needs_sparse_basis(self):
         if self.sparsity is not None and self.basis != "sparse":
             raise ValueError(
                 f"sparsity applies only to basis: sparse (basis is {self.basis}); "
                 "set adapter.basis: sparse or remove adapter.sparsity"
+            )
+        if self.keep_rank and self.basis != "sparse":
+            raise ValueError(
+                f"keep_rank applies only to basis: sparse (basis is {self.basis}, whose one shared A already "
+                "reaches full rank); set adapter.basis: sparse or remove adapter.keep_rank"
             )
         return self
 
@@ -167,15 +211,18 @@ def _padded_rows(tiled: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 class RandomBases:
     """A layer's handles on its shared frozen bases (references into SharedTensors, never copies).
 
-    Dense: ``A`` (r, d) and ``B`` (D, n·r). Sparse: ``B`` and ``B_t`` (its transpose) as CSR, and A
-    tiled n times, ``A_tiled`` (n·r, d), with its transpose ``A_tiled_t``, as CSR: the tiling is the sparsity
-    pattern of the scaled basis M, whose values are rebuilt from Λ and Γ on every call.
+    Dense: ``A`` (r, d) and ``B`` (D, n·r). Sparse: ``B`` and ``B_t`` (its transpose) as CSR, and the n
+    terms' A stacked, ``A_tiled`` (n·r, d), with its transpose ``A_tiled_t``, as CSR: the stack is the
+    sparsity pattern of the scaled basis M, whose values are rebuilt from Λ and Γ on every call. Without
+    ``per_term`` the stack is one A tiled n times (eq. 4); with it (``keep_rank``) every term has its own
+    A_j, drawn independently (eq. 3): the same number of stored entries, since the tiling is stored anyway.
     """
 
     def __init__(self, shared: SharedTensors, basis: str, sparsity: Optional[float], large: int, small: int,
-                 rank: int, num_terms: int, device: torch.device, dtype: torch.dtype):
+                 rank: int, num_terms: int, device: torch.device, dtype: torch.dtype, per_term: bool = False):
         self.large, self.small, self.rank, self.num_terms = large, small, rank, num_terms
         self.sparse = basis == "sparse"
+        self.per_term = per_term and self.sparse
         self.device = torch.device(device)
         self.dtype = dtype
         stacked = num_terms * rank
@@ -187,11 +234,14 @@ class RandomBases:
             self.A_tiled = self.A_tiled_t = self.B_t = self.A_columns = self.A_values = None
             return
         tag = f"randlora.sparse{sparsity:g}"
-        a_name = f"{tag}.A.{num_terms}x{rank}x{small}"
+        # per-term A under its own name: a different tensor from the shared one, never a cache hit for it
+        a_name = f"{tag}.{'A_terms' if self.per_term else 'A'}.{num_terms}x{rank}x{small}"
         self._shared, self._a_name = shared, a_name
         b_name = f"{tag}.B.{large}x{num_terms}x{rank}"
 
         def a_tiled(shape, generator):
+            if self.per_term:
+                return _csr_int32(_ternary((stacked, small), generator, sparsity))
             return _tiled_csr(_csr_int32(_ternary((rank, small), generator, sparsity)), num_terms)
 
         def b(shape, generator):
@@ -204,6 +254,10 @@ class RandomBases:
             a_name + ".t", (small, stacked), lambda shape, g: _transposed_csr(self.A_tiled), device, dtype
         )
         self.B_t = shared.get(b_name + ".t", (stacked, large), lambda shape, g: _transposed_csr(self.B), device, dtype)
+        self.A = None
+        if self.per_term:  # the gradient of M is a sampled product on the pattern itself
+            self.A_columns = self.A_values = None
+            return
         # A's rows padded to the longest (rank, L ≤ small), for the gradient of M on its pattern
         self.A_columns = shared.get(
             a_name + ".columns", (rank, small), lambda shape, g: _padded_rows(self.A_tiled, rank)[0], device,
@@ -212,13 +266,20 @@ class RandomBases:
         self.A_values = shared.get(
             a_name + ".values", (rank, small), lambda shape, g: _padded_rows(self.A_tiled, rank)[1], device, dtype
         )
-        self.A = None
 
     def dense_A(self) -> Tensor:
-        """A (r, d) as a dense tensor (for references and diagnostics)."""
+        """A (r, d) as a dense tensor (for references and diagnostics); per-term bases have no single A."""
+        if self.per_term:
+            raise ValueError("per-term (keep_rank) bases have one A per term: use dense_A_stack()")
         if self.sparse:
             return self.A_tiled.to_dense()[: self.rank]
         return self.A
+
+    def dense_A_stack(self) -> Tensor:
+        """The n terms' A_j stacked, (n·r, d), rows j·r … j·r + r − 1 being A_j, as a dense tensor."""
+        if self.sparse:
+            return self.A_tiled.to_dense()
+        return self.A.repeat(self.num_terms, 1)
 
     def dense_B(self) -> Tensor:
         return self.B.to_dense() if self.sparse else self.B
@@ -296,6 +357,8 @@ class RandomBases:
         Padding slots have A value 0 and add nothing. The formulas are those of :meth:`scaling_grads`.
         """
         lambdas, gammas = lambdas.float(), gammas.float()
+        if self.per_term:
+            return self._per_term_scaling_grads(left_t, right_t, lambdas, gammas, scaling)
         n, r, d = self.num_terms, self.rank, self.small
         columns, values = self.A_columns, self.A_values.float()  # (r, L)
         tokens = left_t.shape[1]
@@ -307,6 +370,30 @@ class RandomBases:
         by_entry = (weighted * lambdas.T.unsqueeze(2)).transpose(1, 2).reshape(-1, n)  # (r·L, n)
         grad_gammas = torch.zeros(d, n, device=by_entry.device).index_add_(0, columns.flatten(), by_entry).T
         return grad_lambdas, grad_gammas
+
+    def _per_term_scaling_grads(self, left_t: Tensor, right_t: Tensor, lambdas: Tensor, gammas: Tensor,
+                                scaling: float) -> tuple[Tensor, Tensor]:
+        """:meth:`sparse_scaling_grads` when every row (j, i) of M has its own columns (A_j's row i, keep_rank):
+        no rows to share a gather, so dL/dM on the pattern comes from torch's sampled product (SDDMM, one
+        dot product of length T per stored entry, float32: it has no half-precision kernels), then Λ's and
+        Γ's gradients by scattering the entries through their flat indices."""
+        n, r, d = self.num_terms, self.rank, self.small
+        tiled = self.A_tiled
+        lambda_index, gamma_index = self._entry_indices(tiled, transposed=False)
+        a_values = tiled.values().float()
+        with _quiet_sparse():
+            pattern = torch.sparse_csr_tensor(
+                tiled.crow_indices(), tiled.col_indices(), a_values, tiled.shape, check_invariants=False
+            )
+            sampled = torch.sparse.sampled_addmm(pattern, left_t.float(), right_t.float().mT, beta=0.0)
+        weighted = sampled.values().mul_(a_values * scaling)  # scaling·A_j[i, k]·g[j, i, k] on the pattern
+        grad_lambdas = torch.zeros(n * r, device=weighted.device).index_add_(
+            0, lambda_index, weighted * gammas.flatten()[gamma_index]
+        )
+        grad_gammas = torch.zeros(n * d, device=weighted.device).index_add_(
+            0, gamma_index, weighted * lambdas.flatten()[lambda_index]
+        )
+        return grad_lambdas.view(n, r), grad_gammas.view(n, d)
 
 
 # --- the products -------------------------------------------------------------------------------
@@ -450,6 +537,37 @@ class _SparseRandLoRAProduct(torch.autograd.Function):
         return grad_x, grad_lambdas, grad_gammas, None
 
 
+def expected_sparse_rank(small: int, rank: int, sparsity: float, terms: int = 1) -> float:
+    """Expected number of the d input directions (columns of the stacked A) that some term reaches, with
+    ``terms`` independent sparse A's of ``rank`` rows: d·(1 − (1 − 2/s)^(terms·r)). A column of zeros in
+    every A is a direction ΔW cannot read, so this bounds the expected rank of ΔW: with one shared A
+    (``terms`` = 1), d·(1 − (1 − 2/s)^r)."""
+    return small * (1.0 - (1.0 - 2.0 / sparsity) ** (terms * rank))
+
+
+# a warning is printed once per process for each distinct setting (d, r, s)
+RANK_WARNING_FRACTION = 0.9
+_WARNED: set[tuple] = set()
+
+
+def _warn_low_rank(small: int, large: int, rank: int, sparsity: float, explicit: bool) -> None:
+    key = (small, rank, sparsity)
+    expected = expected_sparse_rank(small, rank, sparsity)
+    if expected >= RANK_WARNING_FRACTION * small or key in _WARNED:
+        return
+    _WARNED.add(key)
+    source = f"adapter.sparsity={sparsity:g}" if explicit else f"s = sqrt({large}) = {sparsity:.1f}"
+    smaller_s = 2.0 / (1.0 - (1.0 - RANK_WARNING_FRACTION) ** (1.0 / rank))
+    larger_r = math.ceil(math.log(1.0 - RANK_WARNING_FRACTION) / math.log(1.0 - 2.0 / sparsity))
+    print(
+        f"warning: RandLoRA sparse bases ({source}, r={rank}) on layers with d={small}: one A shared by all terms "
+        f"leaves on average {small - expected:.0f} of {small} input directions empty, so ΔW's expected rank is "
+        f"{expected:.0f} ({expected / small:.0%} of d); set adapter.keep_rank: true (a sparse A per term, full "
+        f"rank) or, for 90 %, adapter.sparsity <= {smaller_s:.1f} or adapter.r >= {larger_r}",
+        file=sys.stderr, flush=True,
+    )
+
+
 def forming_is_cheaper(tokens: int, large: int, small: int, stacked: int, backward: bool) -> bool:
     """Whether applying ΔW formed (C = B·M, then x·Cᵀ) costs fewer multiply-adds than the factored chain."""
     factored = tokens * stacked * (small + large)
@@ -470,6 +588,10 @@ class RandLoRALayer(AdapterLayer):
         self.basis_rank = config.r
         self.num_terms = math.ceil(self.small_features / config.r)
         self.sparsity = self._resolve_sparsity(config)
+        self.keep_rank = config.keep_rank
+        if self.sparsity is not None and not self.keep_rank:
+            _warn_low_rank(self.small_features, self.large_features, self.basis_rank, self.sparsity,
+                           config.sparsity is not None)
         # Λ_j diagonals as rows (n, r); Γ_j diagonals as rows (n, d).
         self.lambdas = nn.Parameter(
             torch.zeros(self.num_terms, self.basis_rank, device=self.device, dtype=torch.float32)
@@ -496,7 +618,8 @@ class RandLoRALayer(AdapterLayer):
 
     def _make_bases(self, device) -> RandomBases:
         return RandomBases(self._shared, self.config.basis, self.sparsity, self.large_features,
-                           self.small_features, self.basis_rank, self.num_terms, device, self.frozen_dtype)
+                           self.small_features, self.basis_rank, self.num_terms, device, self.frozen_dtype,
+                           per_term=self.keep_rank)
 
     @property
     def bases(self) -> RandomBases:
@@ -537,6 +660,7 @@ class RandLoRALayer(AdapterLayer):
 
     def extra_repr(self) -> str:
         basis = self.config.basis + (f"(s={self.sparsity:g})" if self.sparsity else "")
+        basis += ", keep_rank" if self.keep_rank else ""
         return f"{super().extra_repr()}, n={self.num_terms}, basis={basis}"
 
 
