@@ -660,8 +660,15 @@ def render(results: Path, doc: Path, args) -> None:
       "python experiments/commonsense.py --only exp1 --force --results /tmp/rerun --doc /tmp/rerun/results.md\n```\n"
       "Runs whose result file already exists with the same settings are skipped (the committed "
       "`experiments/results/*.json` hold this page's runs), hence `--force` or a fresh `--results` folder to "
-      "retrain. Use the project's virtual environment (`.venv/bin/python`). Each run uses one torch thread; "
-      "CPU results should repeat closely at the same thread count.\n")
+      "retrain. Use the project's virtual environment (`.venv/bin/python`). Each run uses `--threads` torch "
+      f"threads (default 1; this page's runs used {args.threads_used}, see the wall-time row); CPU results should "
+      "repeat closely at the same thread count.\n")
+    w("This page is a 20-step pilot. The longer study it leads to (200 optimizer steps and more, each method at "
+      "its own learning rate from a sweep, matched trainable parameters, two seeds, the RM-LoRA Table 5 analogue) "
+      "is [docs/long-runs.md](long-runs.md), generated the same way by `experiments/long_runs.py` from "
+      "`experiments/results/long/*.json` (`--plan` lists its runs and their estimated CPU time). RandLoRA's "
+      "central claim (full rank beats low rank at an equal parameter budget when the task needs rank) is tested "
+      "in isolation, on a controlled regression with lrft's own layers, in [docs/regression.md](regression.md).\n")
     w("## Setting\n")
     total_train = sum(r["wall_s"]["train"] for recs in runs.values() for r in recs.values())
     total_eval = sum(r["wall_s"]["eval"] for recs in runs.values() for r in recs.values())

@@ -3,14 +3,17 @@ once, and the text generation ``lrft generate`` and ``lrft chat`` share.
 
 Folding. At inference ΔW is fixed, so paying the adapter's training-time path on every token (RandLoRA's
 n·r-wide products, NoLA's basis combinations, DoRA's norms) is waste. :func:`fold` rebuilds every adapted
-layer once:
+layer once, chosen by the memory it needs:
 
-* **factored**: adapters whose ΔW is a product B·A with a narrow inner dimension k (LoRA, RM-LoRA, AdaLoRA,
-  LoRA², VeRA, NoLA) keep the quantized base as trained and add x·Aᵀ·Bᵀ with the factors computed once:
-  k·(in + out) extra multiply-adds per token, a few MB;
-* **merged**: the others (RandLoRA, DoRA) become one dense linear holding the dequantized base weight + ΔW
-  in the compute dtype (what ``lrft merge`` writes): one matmul, no adapter work, in × out × bytes of memory
-  per layer, checked against the memory available before anything is allocated.
+* **merged** (preferred): one dense linear holding the dequantized base weight + ΔW in the compute dtype
+  (what ``lrft merge`` writes): one matmul, no adapter work, in × out × bytes per layer. Used for every
+  layer when all of them fit in half the memory available (checked before anything is allocated).
+  Decision: merged layers ran at the base model's speed (0.94-1.00x on the CPU) where fixed low-rank
+  factors beside the 4-bit base cost 7-13 % (benchmarks/results/inference-cpu-factored-first.json).
+* **factored**, when the dense copies do not fit: adapters whose ΔW is a product B·A with a narrow inner
+  dimension k (LoRA, RM-LoRA, AdaLoRA, LoRA², NoLA) keep the quantized base as trained and add x·Aᵀ·Bᵀ
+  with the factors computed once: k·(in + out) extra multiply-adds per token, a few MB; the other layers
+  are merged if they alone fit, or else kept as trained.
 
 The choice and its memory are printed. ``keep_quantized`` keeps the adapter as trained (training-time
 path on every token: slower; say so). Folded layers compute what the adapter does, to float rounding: the
@@ -79,35 +82,45 @@ def available_bytes(device: torch.device) -> int:
 
 def fold(model: nn.Module, layers: dict, compute_dtype: torch.dtype) -> str:
     """Replace each adapter layer by its folded form (module docstring); returns what was done, in words."""
-    plan: dict[str, str] = {}
-    for name, layer in layers.items():
-        factors = None if layer.needs_base_weight else layer.factors()
-        narrow = factors is not None and factors[0].shape[1] <= FACTORED_SHARE * min(layer.in_features, layer.out_features)
-        plan[name] = "factored" if narrow else "merged"
     itemsize = torch.finfo(compute_dtype).bits // 8
-    merged_bytes = sum(layers[n].in_features * layers[n].out_features * itemsize for n, how in plan.items() if how == "merged")
-    if merged_bytes > available_bytes(_device_of(model)) // 2:
-        return (
-            f"adapter kept as trained: folding ΔW into dense weights would need {merged_bytes / 2**20:,.0f} MB, more than "
-            "half the memory available; the adapter's training-time path runs on every token"
-        )
+    budget = available_bytes(_device_of(model)) // 2
+
+    def dense_bytes(names) -> int:
+        return sum(layers[n].in_features * layers[n].out_features * itemsize for n in names)
+
+    plan = {name: "merged" for name in layers}
+    if dense_bytes(layers) > budget:
+        for name, layer in layers.items():
+            factors = None if layer.needs_base_weight else layer.factors()
+            if factors is not None and factors[0].shape[1] <= FACTORED_SHARE * min(layer.in_features, layer.out_features):
+                plan[name] = "factored"
+        wide = [n for n, how in plan.items() if how == "merged"]
+        if dense_bytes(wide) > budget:
+            plan.update({n: "kept" for n in wide})
     factored_bytes = 0
     with torch.no_grad():
         for name, how in plan.items():
             layer = layers[name]
             if how == "factored":
                 B, A = layer.factors()
-                folded = FactoredDelta(layer.base_layer, B, A, compute_dtype)
+                replace_module(model, name, FactoredDelta(layer.base_layer, B, A, compute_dtype))
                 factored_bytes += (B.numel() + A.numel()) * itemsize
-            else:
-                folded = _merged_linear(layer, compute_dtype)
-            replace_module(model, name, folded)
-    merged = sum(how == "merged" for how in plan.values())
+            elif how == "merged":
+                replace_module(model, name, _merged_linear(layer, compute_dtype))
+    count = {how: sum(h == how for h in plan.values()) for how in ("merged", "factored", "kept")}
     parts = []
-    if merged:
-        parts.append(f"{merged} layers merged into dense {dtype_name(compute_dtype)} weights (+{merged_bytes / 2**20:,.0f} MB)")
-    if len(plan) - merged:
-        parts.append(f"{len(plan) - merged} layers as fixed low-rank factors (+{factored_bytes / 2**20:,.1f} MB)")
+    if count["merged"]:
+        merged_mb = dense_bytes([n for n, how in plan.items() if how == "merged"]) / 2**20
+        parts.append(f"{count['merged']} layers merged into dense {dtype_name(compute_dtype)} weights (+{merged_mb:,.0f} MB)")
+    if count["factored"]:
+        parts.append(f"{count['factored']} layers as fixed low-rank factors (+{factored_bytes / 2**20:,.1f} MB)")
+    if count["kept"]:
+        parts.append(
+            f"{count['kept']} layers kept as trained (merging them would need {dense_bytes([n for n, h in plan.items() if h == 'kept']) / 2**20:,.0f} MB, "
+            "more than half the memory available: the adapter's training-time path runs on every token)"
+        )
+    if not count["merged"] and not count["factored"]:
+        return "adapter kept as trained: " + parts[0]
     return "ΔW folded for inference: " + "; ".join(parts)
 
 

@@ -44,12 +44,12 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     groups = getattr(module, "num_key_value_groups", query.shape[1] // key.shape[1])
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     dropout = dropout if module.training else 0.0
+    # split, not slices: the backward of a split is one concatenation, that of each slice a zero-filled
+    # full-length gradient
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     outputs = [
-        F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            dropout_p=dropout, is_causal=True, scale=scaling,
-        )
-        for start, end in zip(bounds[:-1], bounds[1:])
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 

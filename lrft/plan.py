@@ -446,10 +446,10 @@ def block_bytes(s: Shapes, cpu: bool) -> float:
 
 
 def logits_bytes(s: Shapes) -> float:
-    """The logits' copies alive at once in the loss: the head's output, the shifted float32 copy (a copy when
-    rows > 1 or the logits are 16-bit) and the log-softmax output."""
-    shifted_copy = 4 if (s.rows > 1 or s.act_bytes < 4) else 0
-    return float(s.tokens * s.vocab * (s.act_bytes + shifted_copy + 4))
+    """The logits' copies alive at once in the loss: the head's output, its float32 upcast (16-bit logits only)
+    and the log-softmax output."""
+    upcast = 4 if s.act_bytes < 4 else 0
+    return float(s.tokens * s.vocab * (s.act_bytes + upcast + 4))
 
 
 def activation_terms(s: Shapes, layer: float, checkpointing: bool, cpu: bool) -> dict[str, float]:

@@ -5,6 +5,19 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str, name: str):
+    """A script of the repository (benchmarks/, experiments/) imported as module ``name``, registered in
+    sys.modules (dataclasses look their module up there)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 SHARED = ROOT.parent / "shared"
 
 # Tests never reach the network; the embedded model is converted once per test session.

@@ -142,17 +142,27 @@ def test_inspect_rank_reports_the_layers_own_delta(saved):
         assert row["rank"] <= row["rank_bound"] <= min(row["shape"])
 
 
-def test_folded_for_inference_computes_what_the_adapter_does(saved):
-    """ΔW folded once (factored or merged, lrft.inference.fold) against the adapter's training-time path, on
-    the 4-bit base: the tolerance of merge verification in float32."""
-    from lrft.inference import load_for_inference
+@pytest.mark.parametrize("memory", ["ample", "scarce"])
+def test_folded_for_inference_computes_what_the_adapter_does(saved, memory, monkeypatch):
+    """ΔW folded once (lrft.inference.fold: merged into dense weights when memory allows, as fixed factors or
+    kept as trained when it does not) against the adapter's training-time path, on the 4-bit base: the
+    tolerance of merge verification in float32."""
+    from lrft import inference
     from lrft.merge import TOLERANCES, compare_logits
 
-    folder_path, _, _ = saved
+    folder_path, _, layers = saved
+    if memory == "scarce":  # room for nothing dense: each layer is factored or kept
+        monkeypatch.setattr(inference, "available_bytes", lambda device: 2)
     ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
-    folded = load_for_inference(folder_path, None)
-    kept = load_for_inference(folder_path, None, keep_quantized=True)
-    assert folded.note.startswith("ΔW folded for inference")
+    folded = inference.load_for_inference(folder_path, None)
+    kept = inference.load_for_inference(folder_path, None, keep_quantized=True)
+    if memory == "ample":
+        assert folded.note == f"ΔW folded for inference: {len(layers)} layers merged into dense float32 weights (+0 MB)"
+    else:
+        assert "merged" not in folded.note
+        narrow = [n for n, layer in layers.items() if not layer.needs_base_weight and layer.factors() is not None
+                  and layer.factors()[0].shape[1] <= inference.FACTORED_SHARE * min(layer.in_features, layer.out_features)]
+        assert (f"{len(narrow)} layers as fixed low-rank factors" in folded.note) == bool(narrow)
     with torch.no_grad():
         figures = compare_logits(list(kept.model(input_ids=ids).logits.float()), list(folded.model(input_ids=ids).logits.float()))
     rel, kl = TOLERANCES["float32"]

@@ -1,20 +1,14 @@
 """benchmarks/run.py: its run order (every pair a goal of issue 8 compares runs back to back) and its
 forked worker processes."""
 
-import importlib.util
-import sys
 from dataclasses import asdict
 
 import pytest
-from conftest import ROOT
+from conftest import load_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    return bench
+    return load_script("benchmarks/run.py", "bench_run")
 
 
 def test_compared_pairs_run_back_to_back():
@@ -69,9 +63,7 @@ def test_workers_measure_and_report_failures(preload):
 
 def test_memory_benchmark_row_and_table():
     """benchmarks/memory.py: a row from a plan and a (fake) measurement, and docs/memory.md's table from rows."""
-    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "benchmarks" / "memory.py")
-    memory = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(memory)
+    memory = load_script("benchmarks/memory.py", "bench_memory")
     terms = {"without_checkpointing": {"runtime": 1000.0, "activations": 1500.0, "heap_retention": 500.0},
              "with_checkpointing": {"runtime": 1000.0, "activations": 600.0, "heap_retention": 200.0}}
     plan = {"data": {"largest_micro_batch": [4, 132]},

@@ -1,7 +1,6 @@
 """inspect-rank: spectra and figures against naive float64 definitions, planted ranks, the closed form of
 the orthogonality loss, the factored vs dense paths, PEFT folders against PEFT's own ΔW, and the command."""
 
-import importlib.util
 import json
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 
 from adapter_reference import naive_figures
-from conftest import ROOT, needs_cuda, tiny_llama_config
+from conftest import load_script, needs_cuda, tiny_llama_config
 from lrft.adapters import get_adapter
 from lrft.adapters.base import SharedTensors
 from lrft.diagnostics import (
@@ -474,9 +473,7 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
 
 def test_benchmark_generator_writes_an_inspectable_adapter(tmp_path):
     """benchmarks/inspect_rank.py (the LLaMA3-8B timing) at toy scale."""
-    spec = importlib.util.spec_from_file_location("inspect_rank_benchmark", ROOT / "benchmarks" / "inspect_rank.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_script("benchmarks/inspect_rank.py", "inspect_rank_benchmark")
     shapes = {"self_attn.q_proj": (32, 32), "self_attn.k_proj": (8, 32), "mlp.down_proj": (32, 96)}
     benchmark.write_random_lora(tmp_path / "toy", shapes, blocks=3, rank=4)
     payload = run_inspect_rank(tmp_path / "toy")

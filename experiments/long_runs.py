@@ -1,0 +1,1219 @@
+#!/usr/bin/env python
+"""SmolLM2 at a length where methods separate (issue 20, part 3): held-out loss after 200+ optimizer steps on
+``train_mix`` for LoRA, RandLoRA (dense, and sparse with ``keep_rank``), RM-LoRA (both masking modes) and LoRA²
+at matched trainable parameters, each at its own best learning rate, two seeds; RM-LoRA's regulariser weight
+swept in both norms; the RM-LoRA paper's Table 5 analogue from the long runs.
+
+Like experiments/commonsense.py (whose helpers it imports) every number comes from the real CLI (``lrft train``
+on a shipped SmolLM2 recipe with ``--set`` overrides, ``lrft eval --loss``, ``lrft inspect-rank --json``), one
+result file per run lands in experiments/results/long/ as soon as the run is done, and docs/long-runs.md is
+rendered from those files only.
+
+    .venv/bin/python experiments/long_runs.py --plan                 # every run, its state and estimated time
+    .venv/bin/python experiments/long_runs.py --budget-minutes 240   # run what fits in 4 h, then stop
+    .venv/bin/python experiments/long_runs.py                        # everything (many CPU hours)
+    .venv/bin/python experiments/long_runs.py --render-only          # rebuild docs/long-runs.md
+    .venv/bin/python experiments/long_runs.py --stages sweep --methods lora,lora2   # a part
+    # smoke test into a scratch folder:
+    .venv/bin/python experiments/long_runs.py --steps 4 --sweep-steps 2 --limit 2 --save-steps 2 \\
+        --methods lora --seeds 42 --results /tmp/long --runs-dir /tmp/long/runs --doc /tmp/long/long-runs.md
+
+Stages (run in this order; a later stage reads the choices of an earlier one from its result files)
+  sweep  ``--sweep-steps`` (40) steps, first seed, each method over its learning-rate grid (RandLoRA: lr ×
+         scaling alpha/r), scored by the loss on the *selection* split of the held-out file; the lowest wins.
+  final  ``--steps`` (200) steps, every seed, each method at its chosen (lr, scaling), scored on the *test*
+         split (disjoint from the selection split), plus the untrained base model on the test split;
+         ``lrft inspect-rank`` at the default tolerance and at σ > ``RANK_TOL``·σ_max.
+  reg    ``--steps`` steps, ``--reg-seeds`` (first seed): RM-LoRA (exact masking) at RM-LoRA's chosen lr with
+         ``orth_reg`` swept in both norms, GM-LoRA (orth_reg 0) and R-LoRA (no masking): Table 5's rows.
+
+Resuming. A run whose result file exists with the same settings is skipped. Every training run saves a
+checkpoint every ``--save-steps`` (25) steps; a rerun of this script continues an interrupted run with
+``lrft train ... --resume`` (from its newest complete checkpoint), finishes an evaluation that was cut off, and
+restarts from scratch only when the run's settings changed. ``--budget-minutes N`` starts a run only when its
+estimated remaining time fits in what is left of N minutes of wall time (with ``--fill``, it starts it anyway),
+and at the deadline stops the run in flight with SIGTERM: lrft finishes its step, writes a checkpoint and
+exits; the next invocation resumes it. Ctrl+C does the same. Once a run's result file is written its
+checkpoints are deleted (``--keep-checkpoints`` keeps them); the adapter stays for inspect-rank. Estimates (``--plan``) come from measured step
+times: this study's own finished runs first, then ``--measure``'s file, then the pilot's 20-step runs in
+experiments/results/*.json (batch 4, micro-batch 4, at the thread count in its meta.json), scaled linearly in
+the batch size; the plan says which source each method's estimate uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import commonsense as cs  # noqa: E402  (the pilot's helpers: CLI, environment, tables, statistics)
+
+ROOT = cs.ROOT
+LRFT = cs.LRFT
+TRAIN = cs.TRAIN
+HELDOUT_SOURCE = cs.HELDOUT  # train_500.jsonl: 400 records, 100 per task, disjoint from train_mix.jsonl
+N_LAYERS = 30  # SmolLM2-135M decoder layers; 5 targets each (cs.SHAPES)
+LORA_R = 16  # the reference budget: LoRA r = 16 on the 150 targets (3,317,760 trainable parameters)
+PARAM_TOL = 0.03  # every method's trainable count within 3 % of LoRA's
+RANK_TOL = cs.RANK_TOL  # the stated tolerance of the Table 5 rank: σ > 0.1 σ_max
+ORTH_REG = cs.ORTH_REG  # RM-LoRA's squared-norm weight in the sweep and final stages (lrft's default, 1e-3)
+LORA2_ORTH_REG = cs.LORA2_ORTH_REG  # as in the pilot (docs/results.md section 3)
+MICRO_BATCH = 4
+
+# What each stage sweeps. The middle entry is the centre (the shipped recipe's value); ``--sweep-points 1``
+# keeps only the centre, for smoke tests.
+LORA_LRS = [1e-4, 3e-4, 1e-3]
+LORA2_LRS = [1e-2, 3e-2, 1e-1]  # the recipe's 3e-2 in the middle: Λ starts at 0 (docs/results.md section 3)
+RANDLORA_SCALINGS = [2.0, 20.0]  # alpha / r: the authors report 2r..20r working; 20 is lrft's default
+REG_SQUARED = [0.0, 1e-4, 1e-3, 1e-2]  # eq. 10 as printed, summed over layers (0 = GM-LoRA)
+REG_FROBENIUS = [0.01, 0.1, 1.0]  # the authors' code: unsquared, averaged over factors; 0.1 is theirs
+SELECT_EVERY, SELECT_N = 4, 100  # selection split: records 0, 4, 8, ... of train_500.jsonl (25 per task)
+TEST_N = 200  # test split: the odd records (50 per task); disjoint from the selection split
+
+
+@dataclass
+class Method:
+    key: str
+    label: str
+    recipe: str  # recipes/smollm2-commonsense-<recipe>.yaml
+    sets: dict  # adapter overrides besides the size, which ``matched_sizes`` chooses
+    lrs: list
+    scalings: Optional[list] = None  # RandLoRA: alpha = scaling · r, swept with the lr
+    cost: str = ""  # which pilot run's step time estimates this one
+
+
+METHODS: dict[str, Method] = {m.key: m for m in [
+    Method("lora", "LoRA", "lora", {}, LORA_LRS, cost="lora-r16"),
+    Method("randlora", "RandLoRA dense (uniform)", "randlora", {"adapter.basis": "uniform"}, LORA_LRS,
+           RANDLORA_SCALINGS, cost="randlora-r10"),
+    Method("randlora-sparse-keep", "RandLoRA sparse s=√D, keep_rank", "randlora",
+           {"adapter.basis": "sparse", "adapter.keep_rank": True}, LORA_LRS, RANDLORA_SCALINGS,
+           cost="randlora-r10-sparse-sqrtD"),
+    Method("rmlora-exact", "RM-LoRA, exact masking (Algorithm 1)", "rmlora",
+           {"adapter.orth_reg": ORTH_REG, "adapter.orth_reg_norm": "squared", "adapter.mask_mode": "exact"},
+           LORA_LRS, cost="rmlora-r16"),
+    Method("rmlora-grad_only", "RM-LoRA, grad_only masking (authors' code)", "rmlora",
+           {"adapter.orth_reg": ORTH_REG, "adapter.orth_reg_norm": "squared", "adapter.mask_mode": "grad_only"},
+           LORA_LRS, cost="rmlora-r16"),
+    Method("lora2", "LoRA²", "lora2", {"adapter.orth_reg": LORA2_ORTH_REG}, LORA2_LRS, cost="lora2-k16-R16"),
+]}
+
+
+# --- matched parameter counts --------------------------------------------------------------------------
+
+
+def recipe_path(recipe: str) -> Path:
+    return ROOT / "recipes" / f"smollm2-commonsense-{recipe}.yaml"
+
+
+def trainable_count(recipe: str, sets: dict) -> int:
+    """Trainable parameters of the adapter a recipe with these overrides builds, from lrft's own
+    ``num_trainable`` over SmolLM2's 150 target shapes (what ``run.json`` reports after training)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from lrft.adapters import get_adapter
+    from lrft.recipe import load_recipe
+
+    config = load_recipe(recipe_path(recipe), [f"{k}={fmt_value(v)}" for k, v in sets.items()]).adapter
+    layer = get_adapter(config.type).layer
+    return N_LAYERS * sum(layer.num_trainable(fan_in, fan_out, config) for fan_in, fan_out in cs.SHAPES.values())
+
+
+def size_sets(key: str, size: int, lora_r: int) -> dict:
+    """The size overrides of a method at size ``size`` (LoRA / RM-LoRA r, RandLoRA basis rank r, LoRA² k)."""
+    if key in ("lora", "rmlora-exact", "rmlora-grad_only"):
+        sets = {"adapter.r": size, "adapter.alpha": 2 * size}
+        if key.startswith("rmlora"):
+            sets["adapter.mask_rank"] = max(1, size // 2)  # the authors' r̂ = r/2
+        return sets
+    if key.startswith("randlora"):
+        return {"adapter.r": size}  # alpha from the scaling: alpha = scaling · r
+    if key == "lora2":  # R = LoRA's r prunable values, pruned to half (as the pilot's exp3)
+        return {"adapter.k": size, "adapter.r": lora_r, "adapter.target_r": max(1, lora_r // 2),
+                "adapter.alpha": 2 * lora_r}
+    raise KeyError(key)
+
+
+def matched_sizes(lora_r: int = LORA_R) -> dict[str, dict]:
+    """For every method, the size whose trainable count is closest to LoRA r's (ties: the smaller count):
+    {key: {"size", "sets", "params", "rel"}} with rel the relative difference to LoRA's count."""
+    reference = trainable_count("lora", size_sets("lora", lora_r, lora_r))
+    out = {}
+    for key, method in METHODS.items():
+        if key in ("lora", "rmlora-exact", "rmlora-grad_only"):  # LoRA's own parameterisation
+            candidates = [lora_r]
+        elif key.startswith("randlora"):  # n·(r + d) per layer decreases in r: search around the pairing
+            candidates = range(2, 4 * lora_r)
+        else:  # LoRA²: k(in + out) + 2kR + R per layer, increasing in k
+            candidates = range(1, 2 * lora_r)
+        best = None
+        for size in candidates:
+            sets = {**method.sets, **size_sets(key, size, lora_r)}
+            if key.startswith("randlora"):
+                sets["adapter.alpha"] = 20 * size  # does not change the count
+            params = trainable_count(method.recipe, sets)
+            score = (abs(params - reference), params)
+            if best is None or score < best[0]:
+                best = (score, size, params)
+        _, size, params = best
+        out[key] = {"size": size, "sets": size_sets(key, size, lora_r), "params": params,
+                    "rel": params / reference - 1.0}
+    return out
+
+
+# --- the runs ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSpec:
+    name: str
+    stage: str  # sweep | final | reg | base
+    method: str  # a METHODS key (reg runs: the RM-LoRA variant they belong to)
+    seed: int
+    steps: int
+    split: str  # select | test
+    label: str
+    lr: Optional[float] = None  # None: waits for the sweep
+    scaling: Optional[float] = None
+    sets: dict = field(default_factory=dict)  # adapter overrides (size, method, alpha)
+    inspect: bool = False
+    cost: str = ""  # pilot run name for the step-time estimate
+    waits_for: Optional[str] = None  # the method whose sweep sets this run's lr
+
+
+def fmt_value(v) -> str:
+    """A --set value as YAML reads it back (PyYAML needs the dot in 1.0e-05 to see a float)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        text = f"{v:.10g}"
+        if "e" in text and "." not in text.split("e")[0]:
+            mantissa, exponent = text.split("e")
+            text = f"{mantissa}.0e{exponent}"
+        return text
+    return str(v)
+
+
+def lr_tag(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-").replace("e+0", "e")
+
+
+def grid(values: list, points: int) -> list:
+    """The middle ``points`` values of a grid (all of it by default)."""
+    if points >= len(values):
+        return list(values)
+    start = (len(values) - points) // 2
+    return list(values[start:start + points])
+
+
+def centre(values: list):
+    return values[(len(values) - 1) // 2] if len(values) % 2 else values[len(values) // 2]
+
+
+def method_sets(key: str, sizes: dict, scaling: Optional[float]) -> dict:
+    m = METHODS[key]
+    sets = {**m.sets, **sizes[key]["sets"]}
+    if scaling is not None:
+        sets["adapter.alpha"] = scaling * sets["adapter.r"]
+    return sets
+
+
+def sweep_specs(args, sizes: dict) -> list[RunSpec]:
+    specs = []
+    seed = args.seeds[0]
+    for key in args.methods:
+        m = METHODS[key]
+        scalings = [None] if m.scalings is None else (
+            m.scalings if args.sweep_points >= len(m.lrs) else [RANDLORA_SCALINGS[-1]])
+        for scaling in scalings:
+            for lr in grid(m.lrs, args.sweep_points):
+                tag = f"lr{lr_tag(lr)}" + ("" if scaling is None else f"-a{scaling:g}")
+                specs.append(RunSpec(f"sweep-{key}-{tag}-s{seed}", "sweep", key, seed, args.sweep_steps, "select",
+                                     f"{m.label}, lr {lr:g}" + ("" if scaling is None else f", alpha/r {scaling:g}"),
+                                     lr, scaling, method_sets(key, sizes, scaling), False, m.cost))
+    return specs
+
+
+def selection(records: dict[str, dict], sweep: list[RunSpec], key: str) -> Optional[dict]:
+    """The chosen (lr, scaling) of a method: the lowest selection-split loss once every sweep point is done
+    (diverged runs count as infinitely bad); None while a point is missing."""
+    points = [s for s in sweep if s.method == key]
+    if not points or any(s.name not in records for s in points):
+        return None
+    scored = [(held(records[s.name]), s) for s in points]
+    finite = [x for x in scored if math.isfinite(x[0])]
+    if not finite:
+        return {"lr": None, "scaling": None, "loss": float("inf"), "edge": False, "all_diverged": True}
+    loss, best = min(finite, key=lambda x: x[0])
+    lrs = sorted({s.lr for s in points})
+    edge = len(lrs) > 1 and best.lr in (lrs[0], lrs[-1])
+    return {"lr": best.lr, "scaling": best.scaling, "loss": loss, "edge": edge, "run": best.name}
+
+
+def final_specs(args, sizes: dict, records: dict, sweep: list[RunSpec]) -> list[RunSpec]:
+    specs = [RunSpec("base-test", "base", "base", 0, 0, "test", "base model (no adapter)")]
+    for seed in args.seeds:  # seed-major: an interrupted study has whole seeds
+        for key in args.methods:
+            m = METHODS[key]
+            chosen = selection(records, sweep, key)
+            lr = chosen["lr"] if chosen else None
+            scaling = chosen["scaling"] if chosen else (RANDLORA_SCALINGS[-1] if m.scalings else None)
+            specs.append(RunSpec(f"final-{key}-s{seed}", "final", key, seed, args.steps, "test", m.label, lr, scaling,
+                                 method_sets(key, sizes, scaling), True, m.cost, waits_for=key))
+    return specs
+
+
+def reg_variants(r: int) -> list[tuple[str, str, dict]]:
+    """(name, label, adapter overrides) of the reg stage's RM-LoRA variants at rank r."""
+    variants = []
+    for norm, weights in (("squared", REG_SQUARED), ("frobenius", REG_FROBENIUS)):
+        for weight in weights:
+            if norm == "squared" and weight == ORTH_REG:
+                continue  # = final-rmlora-exact
+            if weight == 0 and norm != "squared":
+                continue
+            name = "gmlora" if weight == 0 else f"rmlora-{norm}-{weight:g}"
+            label = (f"GM-LoRA (orth_reg 0, mask {r // 2})" if weight == 0 else
+                     f"RM-LoRA, {norm} orth_reg {weight:g} (mask {r // 2})")
+            variants.append((name, label, {"adapter.orth_reg": weight, "adapter.orth_reg_norm": norm}))
+    variants.append(("rlora", f"R-LoRA (squared orth_reg {ORTH_REG:g}, no masking)", {"adapter.mask_rank": None}))
+    return variants
+
+
+def reg_specs(args, sizes: dict, records: dict, sweep: list[RunSpec]) -> list[RunSpec]:
+    """RM-LoRA (exact masking) at RM-LoRA's chosen lr: orth_reg over both norms, GM-LoRA (orth_reg 0) and
+    R-LoRA (no masking). The squared 1e-3 point is the final stage's rmlora-exact run, not repeated."""
+    if "rmlora-exact" not in args.methods:
+        return []
+    chosen = selection(records, sweep, "rmlora-exact")
+    lr = chosen["lr"] if chosen else None
+    base = method_sets("rmlora-exact", sizes, None)
+    variants = reg_variants(base["adapter.r"])
+    specs = []
+    for seed in args.reg_seeds:
+        for name, label, extra in variants:
+            specs.append(RunSpec(f"reg-{name}-s{seed}", "reg", "rmlora-exact", seed, args.steps, "test", label, lr, None,
+                                 {**base, **extra}, True, "rmlora-r16", waits_for="rmlora-exact"))
+    return specs
+
+
+def all_specs(args, sizes: dict, records: dict) -> dict[str, list[RunSpec]]:
+    sweep = sweep_specs(args, sizes)
+    stages = {"sweep": sweep, "final": final_specs(args, sizes, records, sweep), "reg": reg_specs(args, sizes, records, sweep)}
+    out = {}
+    for stage in args.stages:
+        specs = stages[stage]
+        if args.only:
+            specs = [s for s in specs if re.search(args.only, s.name)]
+        out[stage] = specs
+    return out
+
+
+# --- settings, commands, run folders --------------------------------------------------------------------
+
+
+def settings_of(spec: RunSpec, args) -> dict:
+    """What a result file must match to be reused (and a checkpoint to be resumed)."""
+    if spec.stage == "base":
+        return {"split": "test", "heldout_n": heldout_n(args, "test")}
+    return {"steps": spec.steps, "batch_size": args.batch_size, "micro_batch_size": MICRO_BATCH, "lr": spec.lr,
+            "warmup_steps": warmup(spec.steps), "sets": {k: spec.sets[k] for k in sorted(spec.sets)},
+            "split": spec.split, "heldout_n": heldout_n(args, spec.split), "seed": spec.seed}
+
+
+def warmup(steps: int) -> int:
+    return max(1, steps // 10)
+
+
+def heldout_n(args, split: str) -> int:
+    n = SELECT_N if split == "select" else TEST_N
+    return min(n, args.limit) if args.limit else n
+
+
+def split_path(args, split: str) -> Path:
+    return Path(args.runs_dir) / "data" / f"heldout-{split}.jsonl"
+
+
+def write_splits(args) -> None:
+    """The two held-out splits of train_500.jsonl (deterministic; both spread over its four tasks)."""
+    lines = [line for line in (ROOT / HELDOUT_SOURCE).read_text().splitlines() if line.strip()]
+    select = [line for i, line in enumerate(lines) if i % SELECT_EVERY == 0][:SELECT_N]
+    test = [line for i, line in enumerate(lines) if i % 2 == 1][:TEST_N]
+    for split, rows in (("select", select), ("test", test)):
+        path = ROOT / split_path(args, split)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = "".join(row + "\n" for row in rows)
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+
+
+def run_dir(spec: RunSpec, args) -> Path:
+    return Path(args.runs_dir) / spec.name
+
+
+def study_path(spec: RunSpec, args) -> Path:
+    """The runner's notes on a run (its settings, attempts, the pid of the lrft process in flight)."""
+    return Path(args.runs_dir) / f"{spec.name}.study.json"
+
+
+def train_command(spec: RunSpec, args, resume: bool) -> list[str]:
+    sets = {
+        "data.path": TRAIN,
+        "data.cutoff_len": 256,
+        "data.val_size": 0,
+        "training.seed": spec.seed,
+        "adapter.seed": spec.seed,
+        "training.max_steps": spec.steps,
+        "training.batch_size": args.batch_size,
+        "training.micro_batch_size": MICRO_BATCH,
+        "training.learning_rate": spec.lr,
+        "training.warmup_steps": warmup(spec.steps),
+        "training.lr_scheduler": "linear",
+        "training.eval_steps": None,  # held-out loss is measured after training, in a fresh process
+        "training.save_steps": args.save_steps,  # a resume point every N steps (free to change on resume)
+        "output_dir": str(run_dir(spec, args)),
+        **spec.sets,
+    }
+    cmd = LRFT + ["train", str(recipe_path(METHODS[spec.method].recipe).relative_to(ROOT)),
+                  "--resume" if resume else "--overwrite"]
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={fmt_value(value)}"]
+    return cmd
+
+
+def loss_command(spec: RunSpec, args) -> list[str]:
+    out = run_dir(spec, args) / f"heldout-{spec.split}-loss.json"
+    source = (["--model", "smollm2-135m-instruct", "--quantization", "4"] if spec.stage == "base"
+              else ["--adapter", str(run_dir(spec, args) / "adapter")])
+    return LRFT + ["eval"] + source + ["--loss", "--data", str(split_path(args, spec.split)),
+                                       "--limit", str(heldout_n(args, spec.split)), "--output", str(out)]
+
+
+def inspect_command(spec: RunSpec, args, tol: Optional[float]) -> list[str]:
+    key = "default" if tol is None else f"tol{tol:g}"
+    cmd = LRFT + ["inspect-rank", str(run_dir(spec, args) / "adapter"),
+                  "--json", str(run_dir(spec, args) / f"inspect-{key}.json")]
+    return cmd + ([] if tol is None else ["--tol", str(tol)])
+
+
+def read_json(path: Path, default=None):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def run_state(spec: RunSpec, args) -> dict:
+    """Where a run stands on disk: done (result file), trained (adapter saved), resumable at a step, or new."""
+    out = {"state": "new", "step": 0}
+    record = read_json(results_dir(args) / f"{spec.name}.json")
+    settings = settings_of(spec, args)
+    if record and record.get("settings") == settings:
+        return {"state": "done", "step": spec.steps}
+    if spec.stage == "base":
+        return out
+    directory = ROOT / run_dir(spec, args)
+    study = read_json(ROOT / study_path(spec, args), {}) or {}
+    if study.get("settings") != settings:
+        return out
+    run = read_json(directory / "run.json", {})
+    if run.get("finished") and (directory / "adapter" / "adapter_config.json").exists():
+        return {"state": "trained", "step": spec.steps}
+    steps = [int(m.group(1)) for p in (directory / "checkpoints").glob("step-*")
+             if (m := re.fullmatch(r"step-(\d+)", p.name)) and (p / "trainer_state.pt").exists()]
+    if steps:
+        return {"state": "resume", "step": max(steps)}
+    return out
+
+
+def results_dir(args) -> Path:
+    return ROOT / args.results
+
+
+def load_records(args) -> dict[str, dict]:
+    return {p.stem: data for p in sorted(results_dir(args).glob("*.json"))
+            if p.name not in ("meta.json", "step-times.json") and (data := read_json(p)) and "stage" in data}
+
+
+def held(record: dict) -> float:
+    if record.get("diverged"):
+        return float("inf")
+    return (record.get("heldout_loss") or {}).get("loss", float("nan"))
+
+
+# --- time estimates --------------------------------------------------------------------------------------
+
+
+def step_seconds(metrics: list[dict]) -> Optional[float]:
+    """Median step wall time, leaving out the first steps (start-up); None without one."""
+    times = [m["step_time_s"] for m in metrics if "step_time_s" in m]
+    times = times[2:] if len(times) > 3 else times[1:]
+    return statistics.median(times) if times else None
+
+
+class Estimator:
+    """Seconds per training example (step time / batch size) per method, and the start-up, evaluation and
+    inspect-rank costs, from the most specific measurement available (see the module docstring)."""
+
+    def __init__(self, args, records: dict[str, dict]):
+        self.args = args
+        self.per_example: dict[str, tuple[float, str]] = {}
+        pilot_dir = ROOT / args.pilot_results
+        pilot_threads = (read_json(pilot_dir / "meta.json", {}) or {}).get("threads", "?")
+        measured = read_json(results_dir(args) / "step-times.json", {}) or {}
+        overheads, per_record, eval_start, inspect_s = [], [], [], []
+        self.inspect_by_method: dict[str, list[float]] = {}
+        for key, method in METHODS.items():
+            own = [s / r["settings"]["batch_size"] for r in records.values()
+                   if r.get("method") == key and r.get("stage") in ("sweep", "final", "reg")
+                   and r.get("threads") == args.threads and (s := step_seconds(r.get("metrics", [])))]
+            if own:
+                self.per_example[key] = (statistics.median(own), f"this study's runs ({len(own)}), "
+                                                               f"{args.threads} thread(s)")
+                continue
+            entry = (measured.get("methods") or {}).get(key, {}).get(str(args.threads))
+            if entry:
+                self.per_example[key] = (entry["step_time_s"] / measured["batch_size"],
+                                         f"--measure ({args.threads} thread(s), batch {measured['batch_size']})")
+                continue
+            pilot = read_json(pilot_dir / f"{method.cost}-s42.json")
+            if pilot and step_seconds(pilot["metrics"]):
+                self.per_example[key] = (step_seconds(pilot["metrics"]) / pilot["settings"]["batch_size"],
+                                         f"pilot {method.cost} (20 steps, batch {pilot['settings']['batch_size']}, "
+                                         f"{pilot_threads} thread(s))")
+        for rec in list(records.values()) + [read_json(p) for p in pilot_dir.glob("*-s42.json")]:
+            if not rec or "metrics" not in rec or "wall_s" not in rec:
+                continue
+            steps = [m["step_time_s"] for m in rec["metrics"] if "step_time_s" in m]
+            if rec["wall_s"].get("train"):
+                overheads.append(rec["wall_s"]["train"] - sum(steps))
+            loss = rec.get("heldout_loss") or {}
+            wall = rec["wall_s"].get("heldout_loss")
+            if wall and loss.get("n") and loss.get("seconds") is not None:
+                per_record.append(loss["seconds"] / loss["n"])
+                eval_start.append(wall - loss["seconds"])
+            for key in ("inspect_default", f"inspect_tol{RANK_TOL:g}"):
+                if rec["wall_s"].get(key) and rec.get("method") in METHODS:
+                    self.inspect_by_method.setdefault(rec["method"], []).append(rec["wall_s"][key])
+        for data in [read_json(p) for p in pilot_dir.glob("inspect-exp*-s42.json")]:
+            if data and data.get("wall_s"):  # one call over several adapters: per adapter
+                inspect_s += [w / max(1, len(data["names"])) for w in data["wall_s"].values()]
+        self.overhead = statistics.median(overheads) if overheads else 40.0
+        self.per_record = statistics.median(per_record) if per_record else 1.5
+        self.eval_start = statistics.median(eval_start) if eval_start else 30.0
+        # the pilot's calls mix cheap factored LoRA spectra with RandLoRA's full-rank ones: take the dearest
+        self.inspect = max(inspect_s) if inspect_s else 30.0
+        fallback = statistics.median([v for v, _ in self.per_example.values()]) if self.per_example else 4.0
+        for key in METHODS:
+            self.per_example.setdefault(key, (fallback, "no measurement: median of the others"))
+
+    def seconds(self, spec: RunSpec, state: dict) -> float:
+        """Wall seconds the run still needs from its state on disk."""
+        if state["state"] == "done":
+            return 0.0
+        total = self.eval_start + self.per_record * heldout_n(self.args, spec.split)
+        if spec.stage == "base":
+            return total
+        if state["state"] != "trained":
+            remaining = spec.steps - state["step"]
+            total += self.overhead + remaining * self.args.batch_size * self.per_example[spec.method][0]
+        if spec.inspect:
+            own = self.inspect_by_method.get(spec.method)
+            total += 2 * (statistics.median(own) if own else self.inspect)
+        return total
+
+
+# --- executing -------------------------------------------------------------------------------------------
+
+
+class Stop(Exception):
+    """Budget deadline or Ctrl+C / SIGTERM: the run in flight was stopped cleanly; nothing more starts."""
+
+
+class Runner:
+    def __init__(self, args):
+        self.args = args
+        self.child: Optional[subprocess.Popen] = None
+        self.stop_requested = False
+        self.deadline = time.time() + 60 * args.budget_minutes if args.budget_minutes else None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if not self.stop_requested:
+            print(f"[stop] signal {signum}: the run in flight checkpoints and stops; nothing more starts", flush=True)
+        self.stop_requested = True
+        self._stop_child()
+
+    def _stop_child(self) -> None:
+        if self.child is not None and self.child.poll() is None and not getattr(self.child, "stopping", False):
+            self.child.stopping = True
+            self.child.send_signal(signal.SIGTERM)  # lrft: finish the step, checkpoint, exit 130
+
+    def left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.time()
+
+    def sh(self, cmd: list[str], log: Path, on_start=None) -> tuple[int, float]:
+        """Run one lrft command in its own session (so that only this runner signals it; it gets SIGTERM if
+        this process dies), appending to ``log``; returns (exit code, wall seconds). At the deadline or on
+        Ctrl+C / SIGTERM the command gets one SIGTERM: lrft train finishes its step, checkpoints, exits 130."""
+        t0 = time.time()
+        with open(log, "a") as fh:
+            fh.write("$ " + " ".join(cmd) + "\n")
+            fh.flush()
+            self.child = subprocess.Popen(cmd, cwd=ROOT, env=cs.child_env(self.args.threads), stdout=fh,
+                                          stderr=subprocess.STDOUT, start_new_session=True,
+                                          preexec_fn=_die_with_parent)
+            if on_start:
+                on_start(self.child)
+            try:
+                while True:
+                    try:
+                        rc = self.child.wait(timeout=2.0)
+                        break
+                    except subprocess.TimeoutExpired:
+                        if self.left() <= 0 and not self.stop_requested:
+                            print("[budget] deadline reached: the run in flight checkpoints and stops", flush=True)
+                            self.stop_requested = True
+                        if self.stop_requested:
+                            self._stop_child()
+            finally:
+                self.child = None
+        return rc, time.time() - t0
+
+    def run(self, spec: RunSpec, est: Estimator) -> Optional[dict]:
+        args = self.args
+        settings = settings_of(spec, args)
+        state = run_state(spec, args)
+        out = results_dir(args) / f"{spec.name}.json"
+        if state["state"] == "done":
+            return read_json(out)
+        logs = results_dir(args) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log = logs / f"{spec.name}.log"
+        directory = ROOT / run_dir(spec, args)
+        commands, walls = {}, {}
+        study_file = ROOT / study_path(spec, args)
+        study = read_json(study_file, {}) or {}
+        alive = study.get("pid")
+        if alive and _alive(alive):
+            raise RuntimeError(f"{spec.name}: an lrft process (pid {alive}) still trains in {directory}; "
+                               "wait for it to checkpoint and exit, or stop it, then rerun")
+        attempts = study.get("attempts", []) if state["state"] != "new" else []
+        if spec.stage != "base" and state["state"] in ("new", "resume"):
+            resume = state["state"] == "resume"
+            cmd = train_command(spec, args, resume)
+            print(f"[{'resume' if resume else 'start'}] {spec.name}"
+                  + (f" from step {state['step']}" if resume else "")
+                  + f" (lr {spec.lr:g}; ~{est.seconds(spec, state) / 60:.0f} min; {time.strftime('%H:%M:%S')})", flush=True)
+            attempt = {"mode": "resume" if resume else "fresh", "from_step": state["step"],
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "exit": None}
+            study_file.parent.mkdir(parents=True, exist_ok=True)
+            attempts.append(attempt)  # exit stays null if this script dies before the attempt ends
+            # next to the run folder, not in it (--overwrite empties the folder); the pid keeps a second
+            # invocation from training the same folder meanwhile
+            rc, wall = self.sh(cmd, log, on_start=lambda proc: write_json(
+                study_file, {"settings": settings, "attempts": attempts, "pid": proc.pid}))
+            attempt.update(exit=rc, wall_s=round(wall, 1))
+            write_json(study_file, {"settings": settings, "attempts": attempts})
+            if rc == 130 or (rc != 0 and self.stop_requested):
+                print(f"[stopped] {spec.name}: checkpoint at step {run_state(spec, args)['step']}; "
+                      "rerun to continue it", flush=True)
+                raise Stop
+            if rc != 0:
+                tail = log.read_text()[-2000:]
+                if "error: loss is" in tail:  # TrainingDiverged: a result, not a failure (lr too high)
+                    record = self._record(spec, settings, {"train": " ".join(cmd[2:])}, {}, attempts, directory)
+                    found = re.findall(r"error: (loss is [^;]*)", tail)
+                    record["diverged"] = found[-1] if found else "non-finite loss"
+                    write_json(out, record)
+                    print(f"[diverged] {spec.name}: recorded as a diverged run", flush=True)
+                    return record
+                raise RuntimeError(f"{spec.name}: lrft train exited {rc}; see {log}")
+        elif state["state"] == "trained":
+            print(f"[eval] {spec.name}: trained, evaluating ({time.strftime('%H:%M:%S')})", flush=True)
+        if spec.stage == "base":
+            print(f"[start] {spec.name} ({time.strftime('%H:%M:%S')})", flush=True)
+        if spec.stage != "base":  # as a fresh run; an attempt that resumed used --resume instead
+            commands["train"] = " ".join(train_command(spec, args, False)[2:])
+        cmd = loss_command(spec, args)
+        commands["heldout_loss"] = " ".join(cmd[2:])
+        rc, walls["heldout_loss"] = self.sh(cmd, log)
+        if self.stop_requested:
+            raise Stop
+        if rc != 0:
+            raise RuntimeError(f"{spec.name}: lrft eval exited {rc}; see {log}")
+        inspect = {}
+        if spec.inspect:
+            for tol in (None, RANK_TOL):
+                key = "default" if tol is None else f"tol{tol:g}"
+                cmd = inspect_command(spec, args, tol)
+                commands[f"inspect_{key}"] = " ".join(cmd[2:])
+                rc, walls[f"inspect_{key}"] = self.sh(cmd, log)
+                if self.stop_requested:
+                    raise Stop
+                if rc != 0:
+                    raise RuntimeError(f"{spec.name}: lrft inspect-rank exited {rc}; see {log}")
+                payload = read_json(directory / f"inspect-{key}.json")
+                inspect[key] = {"rank_tolerance": payload.get("rank_tolerance"), "summary": payload["summary"],
+                                "layers": [{k: row.get(k) for k in ("name", "shape", "rank_bound", "rank",
+                                                                     "effective_rank", "orth_loss", "orth_loss_A",
+                                                                     "orth_loss_B", "sigma_max")}
+                                           for row in payload["layers"]] if tol is None else None}
+        record = self._record(spec, settings, commands, walls, attempts, directory)
+        record["heldout_loss"] = read_json(ROOT / cmd_output(commands["heldout_loss"]))
+        if inspect:
+            record["inspect"] = inspect
+        write_json(out, record)
+        if not args.keep_checkpoints and (directory / "checkpoints").is_dir():  # the run is done: ~80 MB freed
+            shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+        print(f"[done] {spec.name}: held-out ({spec.split}) loss {held(record):.4f} ({time.strftime('%H:%M:%S')})",
+              flush=True)
+        return record
+
+    def _record(self, spec, settings, commands, walls, attempts, directory) -> dict:
+        record = {"name": spec.name, "stage": spec.stage, "method": spec.method, "seed": spec.seed,
+                  "label": spec.label, "lr": spec.lr, "scaling": spec.scaling, "settings": settings,
+                  "threads": self.args.threads, "machine": machine(), "commands": commands, "wall_s": dict(walls)}
+        if spec.stage != "base":
+            record["attempts"] = attempts
+            record["wall_s"]["train"] = round(sum(a.get("wall_s", 0) for a in attempts), 1)
+            run = read_json(directory / "run.json", {})
+            record["run"] = run
+            record["metrics"] = cs.read_metrics(directory / "metrics.jsonl") if (directory / "metrics.jsonl").exists() else []
+            config = read_json(directory / "adapter" / "adapter_config.json")
+            if config:
+                record["adapter_config"] = config
+        record["wall_s"] = {k: round(v, 1) for k, v in record["wall_s"].items()}
+        return record
+
+
+def cmd_output(command: str) -> str:
+    return command.split("--output ")[1].split()[0]
+
+
+def _die_with_parent() -> None:
+    """Child side (Linux): SIGTERM when this script dies, so an orphaned lrft checkpoints and exits."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:
+        return "lrft" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return True
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+
+
+# --- plan ------------------------------------------------------------------------------------------------
+
+
+def plan_rows(args, sizes: dict, records: dict, est: Estimator) -> tuple[list[tuple], dict[str, float]]:
+    """(stage, spec, state, seconds, fits) per run in execution order, and the seconds per stage."""
+    rows, per_stage = [], {}
+    spent = 0.0
+    budget = 60 * args.budget_minutes if args.budget_minutes else float("inf")
+    for stage, specs in all_specs(args, sizes, records).items():
+        for spec in specs:
+            state = run_state(spec, args)
+            seconds = est.seconds(spec, state)
+            fits = spent + seconds <= budget
+            if fits or args.fill:
+                spent += seconds
+            rows.append((stage, spec, state, seconds, fits))
+            per_stage[stage] = per_stage.get(stage, 0.0) + seconds
+    return rows, per_stage
+
+
+def print_plan(args, sizes: dict, records: dict) -> None:
+    est = Estimator(args, records)
+    print(f"matched trainable parameters (LoRA r = {LORA_R}: {sizes['lora']['params']:,}; tolerance "
+          f"{100 * PARAM_TOL:g} %):")
+    for key, s in sizes.items():
+        size = ", ".join(f"{k.split('.')[-1]}={fmt_value(v)}" for k, v in s["sets"].items())
+        print(f"  {key:22s} {size:44s} {s['params']:>10,}  {100 * s['rel']:+.2f} %")
+    print("\nstep-time estimates (seconds per training example; step = batch_size examples):")
+    for key, (value, source) in est.per_example.items():
+        print(f"  {key:22s} {value:6.2f} s/example = {value * args.batch_size:6.1f} s/step  [{source}]")
+    if any(source.startswith("pilot") for _, source in est.per_example.values()):
+        print(f"  (pilot step times: 20-step runs at micro-batch 4 on a CPU shared with other jobs, at the thread "
+              f"count above, not necessarily --threads {args.threads}; this study's own runs replace them as they "
+              "land, or run --measure first)")
+    print(f"  start-up per training process {est.overhead:.0f} s; held-out loss {est.eval_start:.0f} s + "
+          f"{est.per_record:.2f} s/record; inspect-rank {est.inspect:.0f} s per call when not yet measured (2 per final/reg run)\n")
+    rows, per_stage = plan_rows(args, sizes, records, est)
+    print(f"{'stage':6s} {'run':44s} {'lr':>8s} {'a/r':>5s} {'steps':>9s} {'state':>16s} {'est. min':>9s}")
+    for stage, spec, state, seconds, fits in rows:
+        status = {"done": "done", "trained": "trained, eval", "resume": f"resume @{state['step']}",
+                  "new": "new"}[state["state"]]
+        if spec.lr is None and spec.stage not in ("base",) and state["state"] != "done":
+            status += ", lr pending"
+        mark = "" if fits else "  (beyond budget)"
+        lr = "–" if spec.lr is None else f"{spec.lr:g}"
+        print(f"{stage:6s} {spec.name:44s} {lr:>8s} {fmt_value(spec.scaling) if spec.scaling else '–':>5s} "
+              f"{spec.steps:>9d} {status:>16s} {seconds / 60:9.1f}{mark}")
+    total = sum(per_stage.values())
+    print()
+    for stage, seconds in per_stage.items():
+        n = sum(1 for r in rows if r[0] == stage)
+        todo = sum(1 for r in rows if r[0] == stage and r[2]["state"] != "done")
+        print(f"stage {stage:6s}: {n} runs, {todo} to do, ~{seconds / 3600:.1f} h wall = "
+              f"~{args.threads * seconds / 3600:.1f} CPU-h at {args.threads} thread(s)")
+    print(f"total: ~{total / 3600:.1f} h wall, ~{args.threads * total / 3600:.1f} CPU-h at {args.threads} thread(s), "
+          "one run at a time")
+    if args.budget_minutes:
+        fit = [r for r in rows if r[4] and r[2]["state"] != "done"]
+        print(f"within --budget-minutes {args.budget_minutes:g}: {len(fit)} runs would run to completion "
+              "(runs whose lr waits for a sweep are counted but start only once their sweep is done)")
+
+
+# --- measure ---------------------------------------------------------------------------------------------
+
+
+def measure(args, sizes: dict) -> None:
+    """Time ``--measure-steps`` training steps of every method at 1 and 2 threads (centre lr); writes
+    RESULTS/step-times.json, which the estimates use when this study has no runs of a method yet."""
+    path = results_dir(args) / "step-times.json"
+    data = read_json(path, {}) or {"batch_size": args.batch_size, "steps": args.measure_steps, "methods": {}}
+    if data.get("batch_size") != args.batch_size:
+        data = {"batch_size": args.batch_size, "steps": args.measure_steps, "methods": {}}
+    logs = results_dir(args) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for key in args.methods:
+        m = METHODS[key]
+        scaling = RANDLORA_SCALINGS[-1] if m.scalings else None
+        for threads in (1, 2):
+            spec = RunSpec(f"measure-{key}-t{threads}", "measure", key, args.seeds[0], args.measure_steps, "select",
+                           m.label, centre(m.lrs), scaling, method_sets(key, sizes, scaling))
+            cmd = train_command(spec, argparse.Namespace(**{**vars(args), "save_steps": None}), resume=False)
+            env = cs.child_env(threads)
+            t0 = time.time()
+            with open(logs / f"{spec.name}.log", "w") as fh:
+                rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+            if rc != 0:
+                print(f"[FAILED] measure {key} at {threads} thread(s): see {logs / (spec.name + '.log')}", flush=True)
+                continue
+            metrics = cs.read_metrics(ROOT / run_dir(spec, args) / "metrics.jsonl")
+            entry = {"step_time_s": step_seconds(metrics), "all_step_times_s": [x["step_time_s"] for x in metrics],
+                     "wall_s": round(time.time() - t0, 1), "machine": machine()}
+            data["methods"].setdefault(key, {})[str(threads)] = entry
+            write_json(path, data)
+            print(f"[measure] {key} at {threads} thread(s): {entry['step_time_s']:.1f} s/step "
+                  f"(batch {args.batch_size})", flush=True)
+
+
+# --- rendering -------------------------------------------------------------------------------------------
+
+
+def mean_se(values: list[float], digits: int = 3) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "–"
+    if len(values) == 1:  # the seeds column says so
+        return f"{values[0]:.{digits}f}"
+    se = statistics.stdev(values) / math.sqrt(len(values))
+    return f"{statistics.mean(values):.{digits}f} ± {se:.{digits}f}"
+
+
+def summary_of(record: dict, key: str = "default") -> dict:
+    return ((record.get("inspect") or {}).get(key) or {}).get("summary", {}).get("overall", {})
+
+
+def render(args, sizes: dict, records: dict) -> None:
+    doc = ROOT / args.doc
+    docdir = doc.parent
+    docdir.mkdir(parents=True, exist_ok=True)
+    specs = all_specs(argparse.Namespace(**{**vars(args), "only": None, "stages": ["sweep", "final", "reg"]}),
+                      sizes, records)
+    sweep = specs["sweep"]
+    out: list[str] = []
+    w = out.append
+    w("# Long runs: SmolLM2 at a length where methods separate\n")
+    w(f"Generated by `experiments/long_runs.py` from `{args.results}/*.json`; every number below is read from those "
+      "files (nothing typed by hand). The runs are issue 20's part 3: LoRA, RandLoRA (dense, and sparse with "
+      "`keep_rank`), RM-LoRA in both masking modes and LoRA² at matched trainable parameters, each at its own "
+      "learning rate from a short sweep, two seeds; RM-LoRA's regulariser weight in both norms; the RM-LoRA "
+      "paper's Table 5 analogue. [docs/results.md](results.md) is the 20-step pilot.\n")
+    w("```\n.venv/bin/python experiments/long_runs.py --plan                # every run, its state, estimated time\n"
+      ".venv/bin/python experiments/long_runs.py --budget-minutes 240  # run what fits in 4 h; rerun to continue\n"
+      ".venv/bin/python experiments/long_runs.py --render-only         # rebuild this page\n```\n"
+      "Result files are written as each run lands; an interrupted run continues from its last checkpoint "
+      f"(every {args.save_steps} steps) with `lrft train ... --resume` when the script is rerun.\n")
+
+    all_runs = [s for stage in specs.values() for s in stage]
+    done = [s for s in all_runs if s.name in records]
+    w("## Status\n")
+    rows = []
+    for stage, stage_specs in specs.items():
+        n_done = sum(1 for s in stage_specs if s.name in records)
+        missing = [s.name for s in stage_specs if s.name not in records]
+        rows.append([stage, f"{n_done} of {len(stage_specs)}",
+                     ", ".join(f"`{m}`" for m in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+                     or "–"])
+    w(cs.table(["stage", "runs done", "not yet run"], rows) + "\n")
+    if len(done) < len(all_runs):
+        w("Cells of runs not yet done read \"–\"; the study is incomplete until every stage is.\n")
+    est = Estimator(args, records)
+    plan = plan_rows(argparse.Namespace(**{**vars(args), "only": None, "stages": ["sweep", "final", "reg"],
+                                           "budget_minutes": None}), sizes, records, est)[0]
+    rows = []
+    for stage in ("sweep", "final", "reg"):
+        stage_rows = [r for r in plan if r[0] == stage]
+        spent = sum(x["wall_s"].get("train", 0) + sum(v for k, v in x["wall_s"].items() if k != "train")
+                    for x in records.values() if x["stage"] == stage or (stage == "final" and x["stage"] == "base"))
+        rows.append([stage, str(len(stage_rows)), f"{spent / 3600:.1f}", f"{sum(r[3] for r in stage_rows) / 3600:.1f}"])
+    w("**CPU budget.** Wall hours of the runs (one torch thread each, one run at a time, so also CPU-hours): "
+      "spent so far, from the result files, and still to go, estimated as `--plan` does from measured step times "
+      "(per method, with where it was measured: "
+      + "; ".join(f"{METHODS[k].label} {v * args.batch_size:.1f} s/step from {src}" for k, (v, src) in
+                  est.per_example.items())
+      + f"), {est.overhead:.0f} s of start-up per training process and the measured cost of `lrft eval --loss` and "
+        "`lrft inspect-rank`. The CPU was shared with other jobs, so these are rough.\n")
+    w(cs.table(["stage", "runs", "hours spent", "hours to go (estimate)"], rows) + "\n")
+
+    any_rec = next((r for r in records.values() if r.get("run")), None)
+    w("## Setting\n")
+    steps_final = next((r["settings"]["steps"] for r in records.values() if r["stage"] == "final"), args.steps)
+    steps_sweep = next((r["settings"]["steps"] for r in records.values() if r["stage"] == "sweep"), args.sweep_steps)
+    batch = next((r["settings"]["batch_size"] for r in records.values() if r["stage"] != "base"), args.batch_size)
+    n_sel = next((r["settings"]["heldout_n"] for r in records.values() if r["settings"].get("split") == "select"),
+                 heldout_n(args, "select"))
+    n_test = next((r["settings"]["heldout_n"] for r in records.values() if r["settings"].get("split") == "test"),
+                  heldout_n(args, "test"))
+    seeds = sorted({r["seed"] for r in records.values() if r["stage"] == "final"}) or args.seeds
+    versions = (any_rec or {}).get("run", {}).get("versions", {})
+    trained = [r for r in records.values() if r["stage"] != "base"]
+    rows = [
+        ["model", "`smollm2-135m-instruct`, 4-bit nf4, double quantization, float32 compute; targets q, k, v, up, "
+                  "down of all 30 layers (150 modules)"],
+        ["lrft", f"{any_rec['run'].get('lrft_version')}; torch {versions.get('torch', '?')}, "
+                 f"bitsandbytes {versions.get('bitsandbytes', '?')}" if any_rec else "– (no run yet)"],
+        ["machine", (any_rec or {}).get("machine", machine()) + f", {(any_rec or {}).get('threads', args.threads)} "
+                    "torch thread(s) per run, one run at a time"],
+        ["training", f"`{TRAIN}`, cutoff 256, AdamW, linear decay after 10 % warm-up, batch {batch} "
+                     f"(micro-batch {MICRO_BATCH}); sweep runs {steps_sweep} steps, final and reg runs {steps_final} "
+                     f"steps ({steps_final * batch} examples)"],
+        ["held-out loss", f"`lrft eval --loss` (mean token loss, prompt tokens included as in training) on two "
+                          f"disjoint splits of `{HELDOUT_SOURCE}` (disjoint from the training file): selection "
+                          f"= records 0, 4, 8, … (first {n_sel}), used only to pick the learning rate; test = the odd "
+                          f"records (first {n_test}), reported below"],
+        ["seeds", f"{', '.join(map(str, seeds))} (training data order, dropout and adapter init / bases); the sweep "
+                  f"uses seed {args.seeds[0]} only; ± is the standard error of the mean over seeds, and the "
+                  "paired column takes each seed's difference to LoRA at the same seed (same data order)"],
+        ["rank tolerance", f"`rank` is lrft's numerical rank (σ > max(m, n)·eps·σ_max, float32 eps); "
+                           f"`rank@{RANK_TOL:g}` counts σ > {RANK_TOL:g}·σ_max (the paper states none)"],
+    ]
+    if trained:
+        wall = sum(r["wall_s"].get("train", 0) for r in trained)
+        evals = sum(v for r in records.values() for k, v in r["wall_s"].items() if k != "train")
+        rows.append(["wall time so far", f"{wall / 3600:.1f} h training + {evals / 3600:.1f} h evaluation and "
+                                         f"inspect-rank over {len(records)} result files"])
+    w(cs.table(["", ""], rows) + "\n")
+
+    w("## Matched trainable parameters\n")
+    w(f"LoRA r = {LORA_R} on the 150 targets is the budget; every other method takes the size whose count, from "
+      f"lrft's own `num_trainable`, is closest (tolerance {100 * PARAM_TOL:g} %). `measured` is `run.json`'s "
+      "count of the finished runs. LoRA² counts its R prunable values at the start (pruning masks them, the "
+      "parameters stay).\n")
+    rows = []
+    for key, s in sizes.items():
+        measured = {r["run"].get("trainable_parameters") for r in records.values()
+                    if r.get("method") == key and r["stage"] in ("sweep", "final") and r.get("run")}
+        size = ", ".join(f"{k.split('.')[-1]} = {fmt_value(v)}" for k, v in s["sets"].items())
+        rows.append([METHODS[key].label, size, f"{s['params']:,}", f"{100 * s['rel']:+.2f} %",
+                     ", ".join(f"{m:,}" for m in sorted(x for x in measured if x)) or "–"])
+    w(cs.table(["method", "size", "trainable (computed)", "vs LoRA", "measured"], rows) + "\n")
+
+    w("## Learning-rate sweep\n")
+    w(f"Held-out loss on the selection split after {steps_sweep} steps (seed {args.seeds[0]}); the chosen point is "
+      "in bold, and a choice at the edge of its grid is flagged (the optimum may lie outside it). RandLoRA sweeps "
+      "its scaling alpha/r with the lr.\n")
+    rows = []
+    for key in METHODS:
+        points = [s for s in sweep if s.method == key]
+        if not points:
+            continue
+        chosen = selection(records, sweep, key)
+        cells = []
+        for s in points:
+            rec = records.get(s.name)
+            value = "–" if rec is None else ("diverged" if rec.get("diverged") else f"{held(rec):.4f}")
+            tag = f"lr {s.lr:g}" + ("" if s.scaling is None else f", a/r {s.scaling:g}")
+            if chosen and chosen.get("run") == s.name:
+                value = f"**{value}**"
+            cells.append(f"{tag}: {value}")
+        note = "pending" if chosen is None else ("all diverged" if chosen.get("all_diverged") else
+                                                 f"lr {chosen['lr']:g}" + ("" if chosen["scaling"] is None else
+                                                                           f", a/r {chosen['scaling']:g}")
+                                                 + (" (grid edge)" if chosen["edge"] else ""))
+        rows.append([METHODS[key].label, "<br>".join(cells), note])
+    w(cs.table(["method", "held-out loss (selection split) per point", "chosen"], rows) + "\n")
+
+    w("## Held-out loss after the long runs\n")
+    base = records.get("base-test")
+    if base:
+        w(f"The untrained 4-bit base model has a test-split loss of {held(base):.4f}.\n")
+    lora_by_seed = {r["seed"]: held(r) for r in records.values() if r["stage"] == "final" and r["method"] == "lora"}
+    rows = []
+    for key in METHODS:
+        recs = sorted((r for r in records.values() if r["stage"] == "final" and r["method"] == key),
+                      key=lambda r: r["seed"])
+        if not recs:
+            rows.append([METHODS[key].label] + ["–"] * 8)
+            continue
+        diffs = [held(r) - lora_by_seed[r["seed"]] for r in recs if r["seed"] in lora_by_seed] if key != "lora" else []
+        d = [summary_of(r) for r in recs]
+        rows.append([
+            METHODS[key].label,
+            f"{recs[0]['lr']:g}" + ("" if recs[0].get("scaling") is None else f" (a/r {recs[0]['scaling']:g})"),
+            str(len(recs)),
+            mean_se([held(r) for r in recs], 4) + (f" ({sum(1 for r in recs if r.get('diverged'))} diverged)"
+                                                   if any(r.get("diverged") for r in recs) else ""),
+            mean_se(diffs, 4) if diffs else "–",
+            mean_se([cs.mean_last(r["metrics"], "loss") for r in recs], 3),
+            mean_se([x.get("mean_rank") for x in d], 1),
+            mean_se([x.get("mean_effective_rank") for x in d], 1),
+            mean_se([step_seconds(r["metrics"]) for r in recs], 1),
+        ])
+    w(cs.table(["method", "lr", "seeds", "held-out loss (test)", "Δ vs LoRA (paired)", "train loss (last 10)",
+                "rank of ΔW", "erank", "step time (s)"], rows) + "\n")
+    if plot_curves(records, docdir / "long-runs-loss.png"):
+        w("![training loss of the final runs](long-runs-loss.png)\n")
+
+    w("## RM-LoRA: masking modes, regulariser weight, Table 5 analogue\n")
+    w("RM-LoRA paper, Table 5 (ViT-B/16's CIFAR-100 head there; the 150 projections of SmolLM2 here): LoRA, "
+      "GM-LoRA (masking only), R-LoRA (regulariser only) and RM-LoRA (both), plus RM-LoRA in the authors' "
+      "`grad_only` masking and with the regulariser weight swept in both norms (`squared`: eq. 10 as printed, "
+      "summed over layers; `frobenius`: the authors' code, unsquared and averaged). All RM-LoRA-family runs use "
+      "RM-LoRA (exact)'s chosen lr, except grad_only, which has its own. Means over the 150 layers from "
+      "`lrft inspect-rank`; `‖ΔWΔWᵀ−I‖²` is at least out − rank for a low-rank ΔW, so it mostly measures the "
+      "layer width; `‖AAᵀ−I‖²` and `‖BᵀB−I‖²` are the regulariser's own terms on the unscaled factors.\n")
+    reg_labels = {f"reg-{name}": label for name, label, _ in reg_variants(sizes["rmlora-exact"]["sets"]["adapter.r"])}
+    t5 = [("final", "lora"), ("reg", "reg-gmlora"), ("reg", "reg-rlora"), ("final", "rmlora-exact"),
+          ("final", "rmlora-grad_only")]
+    t5 += [("reg", key) for key in reg_labels if key not in ("reg-gmlora", "reg-rlora")]
+    rows = []
+    for stage, key in t5:
+        if stage == "final":
+            recs = [r for r in records.values() if r["stage"] == "final" and r["method"] == key]
+            label = METHODS[key].label + ("" if key == "lora" else f" (squared orth_reg {ORTH_REG:g})")
+        else:
+            recs = [r for r in records.values() if r["stage"] == "reg" and r["name"].rsplit("-s", 1)[0] == key]
+            label = reg_labels[key]
+        recs.sort(key=lambda r: r["seed"])
+        d, t = [summary_of(r) for r in recs], [summary_of(r, f"tol{RANK_TOL:g}") for r in recs]
+        reg_term = [cs.mean_last(r["metrics"], "extra_loss") if any("extra_loss" in m for m in r["metrics"]) else None
+                    for r in recs]
+        rows.append([label, str(len(recs)) if recs else "–", mean_se([held(r) for r in recs], 4),
+                     mean_se([x.get("mean_rank") for x in d], 1), mean_se([x.get("mean_rank") for x in t], 1),
+                     mean_se([x.get("mean_effective_rank") for x in d], 2), mean_se([x.get("mean_orth_loss") for x in d], 1),
+                     mean_se([x.get("mean_orth_loss_A") for x in d], 2), mean_se([x.get("mean_orth_loss_B") for x in d], 2),
+                     mean_se(reg_term, 3)])
+    w(cs.table(["method", "seeds", "held-out loss (test)", "rank", f"rank@{RANK_TOL:g}", "erank", "‖ΔWΔWᵀ−I‖²",
+                "‖AAᵀ−I‖²", "‖BᵀB−I‖²", "reg. term (last 10)"], rows) + "\n")
+
+    w("## Commands\n")
+    w("Each run is `lrft train` on a shipped recipe with `--set` overrides (a rerun of an interrupted run adds "
+      "`--resume` in place of `--overwrite`), then `lrft eval --loss`, and for final and reg runs `lrft "
+      "inspect-rank` twice. One run per stage, from its result file:\n")
+    examples = [r for stage in ("sweep", "final", "reg", "base")
+                if (r := next((x for x in records.values() if x["stage"] == stage), None))]
+    if examples:
+        w("```")
+        for rec in examples:
+            w(f"# {rec['name']}")
+            for cmd in rec["commands"].values():
+                w(cmd)
+        w("```\n")
+    else:
+        w("No run has finished yet.\n")
+    text = "\n".join(out)
+    readings = ROOT / "experiments" / "long-readings.md"
+    if readings.exists():
+        text += "\n## Reading\n\n" + readings.read_text()
+    doc.write_text(text)
+    print(f"rendered {doc}", flush=True)
+
+
+def plot_curves(records: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    finals = sorted((r for r in records.values() if r["stage"] == "final" and r.get("metrics")),
+                    key=lambda r: (r["seed"], list(METHODS).index(r["method"])))
+    if not finals:
+        return False
+    seed = finals[0]["seed"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for rec in (r for r in finals if r["seed"] == seed):
+        steps = [m["step"] for m in rec["metrics"]]
+        loss = [m["loss"] for m in rec["metrics"]]
+        window = max(1, len(loss) // 10)
+        smooth = [statistics.mean(loss[max(0, i - window + 1): i + 1]) for i in range(len(loss))]
+        ax.plot(steps, smooth, label=f"{METHODS[rec['method']].label} (lr {rec['lr']:g})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training LM loss (moving mean, 10 % of the run)")
+    ax.set_title(f"final runs, seed {seed}", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# --- main ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[list[str]] = None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plan", action="store_true", help="print every run, its state and estimated time; run nothing")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="wall-clock budget of this invocation: start a run only if its estimate fits; stop the run "
+                        "in flight (checkpoint) at the deadline")
+    p.add_argument("--fill", action="store_true", help="with --budget-minutes: also start a run that does not fit "
+                   "(it is stopped at the deadline with a checkpoint and continues next time)")
+    p.add_argument("--stages", default="sweep,final,reg", help="comma-separated: sweep, final, reg")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
+    p.add_argument("--only", default=None, help="regex: only runs whose name matches (e.g. 'final-lora-')")
+    p.add_argument("--seeds", default="42,43", help="seeds of the final stage (the sweep uses the first)")
+    p.add_argument("--reg-seeds", default=None, help="seeds of the reg stage (default: the first seed)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps of final and reg runs")
+    p.add_argument("--sweep-steps", type=int, default=None, help="optimizer steps of sweep runs (default min(40, --steps))")
+    p.add_argument("--sweep-points", type=int, default=3, help="grid points per sweep axis (1: only the centre, for "
+                   "smoke tests)")
+    p.add_argument("--batch-size", type=int, default=4, help=f"examples per optimizer step (micro-batch {MICRO_BATCH})")
+    p.add_argument("--limit", type=int, default=None, help=f"cap on held-out records per split (default {SELECT_N} "
+                   f"selection, {TEST_N} test)")
+    p.add_argument("--save-steps", type=int, default=25, help="checkpoint every N steps (the resume granularity)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--results", default="experiments/results/long")
+    p.add_argument("--runs-dir", default="runs/long", help="where lrft writes the runs and checkpoints")
+    p.add_argument("--doc", default="docs/long-runs.md")
+    p.add_argument("--pilot-results", default="experiments/results", help="the pilot's result files (step times)")
+    p.add_argument("--measure", action="store_true", help="time --measure-steps steps of each method at 1 and 2 "
+                   "threads into RESULTS/step-times.json, then stop")
+    p.add_argument("--measure-steps", type=int, default=4)
+    p.add_argument("--keep-going", action="store_true", help="after a failed run, go on with the next")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep a run's checkpoints after its result "
+                   "file is written (by default they are deleted; the adapter stays)")
+    p.add_argument("--render-only", action="store_true")
+    p.add_argument("--no-render", action="store_true")
+    args = p.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.reg_seeds = [int(s) for s in args.reg_seeds.split(",")] if args.reg_seeds else args.seeds[:1]
+    args.sweep_steps = args.sweep_steps or min(40, args.steps)
+    args.stages = [s for s in args.stages.split(",") if s]
+    args.methods = [m for m in args.methods.split(",") if m]
+    for stage in args.stages:
+        if stage not in ("sweep", "final", "reg"):
+            p.error(f"--stages {stage}: choose from sweep, final, reg")
+    for m in args.methods:
+        if m not in METHODS:
+            p.error(f"--methods {m}: choose from {', '.join(METHODS)}")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    sizes = matched_sizes()
+    off = [k for k, s in sizes.items() if abs(s["rel"]) > PARAM_TOL]
+    if off:
+        sys.exit(f"parameter counts off by more than {100 * PARAM_TOL:g} %: {off}")
+    if args.plan:
+        print_plan(args, sizes, load_records(args))
+        return
+    if args.measure:
+        measure(args, sizes)
+        return
+    failures = []
+    results_dir(args).mkdir(parents=True, exist_ok=True)
+    if not args.render_only:
+        write_splits(args)
+        runner = Runner(args)
+        t0 = time.time()
+        try:
+            for stage in args.stages:
+                # specs are rebuilt per stage: a later stage reads the choices the earlier ones just made
+                for spec in all_specs(args, sizes, load_records(args)).get(stage, []):
+                    records = load_records(args)
+                    state = run_state(spec, args)
+                    if state["state"] == "done":
+                        continue
+                    if spec.stage != "base" and spec.lr is None:
+                        # rebuilt from the latest records: a sweep finished in this invocation sets it
+                        spec = next(s for s in all_specs(args, sizes, records)[stage] if s.name == spec.name)
+                        if spec.lr is None:
+                            print(f"[wait] {spec.name}: the {spec.waits_for} sweep is not complete", flush=True)
+                            continue
+                    need = Estimator(args, records).seconds(spec, state)
+                    if need > runner.left() and not args.fill:
+                        print(f"[budget] {spec.name} needs ~{need / 60:.0f} min, {runner.left() / 60:.0f} min left: "
+                              "stopping (rerun to continue; --plan shows what is left)", flush=True)
+                        raise Stop
+                    if runner.stop_requested or runner.left() <= 0:
+                        raise Stop
+                    try:
+                        runner.run(spec, Estimator(args, records))
+                    except Stop:
+                        raise
+                    except Exception as exc:  # noqa: BLE001
+                        failures.append((spec.name, str(exc)))
+                        print(f"[FAILED] {spec.name}: {exc}", flush=True)
+                        if not args.keep_going:
+                            raise Stop
+        except Stop:
+            pass
+        meta_path = results_dir(args) / "meta.json"
+        meta = read_json(meta_path, {}) or {}
+        meta.update({"machine": machine(), "threads": args.threads, "last_invocation": " ".join(sys.argv),
+                     "last_wall_s": round(time.time() - t0, 1)})
+        write_json(meta_path, meta)
+        print(f"finished in {(time.time() - t0) / 60:.1f} min; failures: {failures or 'none'}", flush=True)
+    if not args.no_render:
+        render(args, sizes, load_records(args))
+    if failures:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

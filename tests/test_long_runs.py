@@ -1,0 +1,155 @@
+"""experiments/long_runs.py (issue 20, part 3) without training: matched parameter counts, recipes that lrft
+accepts, the learning-rate choice, and a plan that lists the sweep, final and reg runs, resumes a checkpointed
+run and skips finished ones."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import long_runs as lr  # noqa: E402
+
+from lrft.recipe import load_recipe  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sizes():
+    return lr.matched_sizes()
+
+
+def make_args(tmp_path: Path, *extra: str):
+    return lr.parse_args(["--results", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs"), *extra])
+
+
+def fake_record(spec, args, loss: float, **extra) -> dict:
+    return {"name": spec.name, "stage": spec.stage, "method": spec.method, "seed": spec.seed, "label": spec.label,
+            "lr": spec.lr, "scaling": spec.scaling, "settings": lr.settings_of(spec, args), "threads": 1,
+            "commands": {}, "wall_s": {}, "metrics": [], "heldout_loss": {"loss": loss, "n": 2}, **extra}
+
+
+def write(args, record: dict) -> None:
+    path = lr.results_dir(args)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{record['name']}.json").write_text(json.dumps(record))
+
+
+def test_matched_parameter_counts(sizes):
+    assert sizes["lora"]["params"] == 16 * 6912 * 30 == 3_317_760  # r (in + out) over q, k, v, up, down x 30
+    for key, s in sizes.items():
+        assert abs(s["rel"]) <= lr.PARAM_TOL, (key, s)
+    assert sizes["randlora"]["sets"]["adapter.r"] == 10  # the paper's LoRA-16 ~ RandLoRA-10 pairing
+    assert sizes["randlora-sparse-keep"]["params"] == sizes["randlora"]["params"]  # keep_rank: same count
+    assert sizes["rmlora-exact"]["params"] == sizes["lora"]["params"]
+    assert sizes["lora2"]["sets"]["adapter.k"] == 16
+    # the counts lrft train reported for the same configurations in the pilot's run.json
+    pilot = {"lora-r16": "lora", "randlora-r10": "randlora", "lora2-k16-R16": "lora2", "rmlora-r16": "rmlora-exact"}
+    for name, key in pilot.items():
+        path = ROOT / "experiments" / "results" / f"{name}-s42.json"
+        if path.exists():
+            assert json.loads(path.read_text())["run"]["trainable_parameters"] == sizes[key]["params"], name
+
+
+def test_every_planned_run_is_a_valid_recipe(tmp_path, sizes):
+    args = make_args(tmp_path)
+    sweep = lr.sweep_specs(args, sizes)
+    for spec in sweep:  # complete every sweep so that the final and reg runs get their lr
+        write(args, fake_record(spec, args, 2.0 + spec.lr))
+    specs = lr.all_specs(args, sizes, lr.load_records(args))
+    runs = [s for stage in specs.values() for s in stage if s.stage != "base"]
+    assert len(runs) == 24 + 12 + 7
+    for spec in runs:
+        assert spec.lr is not None, spec.name
+        cmd = lr.train_command(spec, args, resume=False)
+        overrides = [cmd[i + 1] for i, part in enumerate(cmd) if part == "--set"]
+        recipe = load_recipe(ROOT / cmd[cmd.index("train") + 1], overrides)
+        assert recipe.training.max_steps == spec.steps and recipe.training.learning_rate == spec.lr
+        assert recipe.training.save_steps == args.save_steps and recipe.data.path == lr.TRAIN
+        if spec.method == "randlora-sparse-keep":
+            assert recipe.adapter.basis == "sparse" and recipe.adapter.keep_rank
+        if spec.method == "rmlora-grad_only":
+            assert recipe.adapter.mask_mode == "grad_only"
+        if spec.name.startswith("reg-rmlora-frobenius"):
+            assert recipe.adapter.orth_reg_norm == "frobenius"
+        if spec.name.startswith("reg-rlora"):
+            assert recipe.adapter.mask_rank is None and not recipe.adapter.masking
+        if spec.name.startswith("reg-gmlora"):
+            assert recipe.adapter.orth_reg == 0 and recipe.adapter.masking
+    # both norms are swept, and the squared default is the final run (not repeated)
+    reg = [s.name for s in specs["reg"]]
+    assert sum("frobenius" in n for n in reg) == 3 and sum("squared" in n for n in reg) == 2
+
+
+def test_selection_takes_the_lowest_finite_loss_and_flags_the_edge(tmp_path, sizes):
+    args = make_args(tmp_path, "--methods", "lora,randlora")
+    sweep = lr.sweep_specs(args, sizes)
+    assert len([s for s in sweep if s.method == "randlora"]) == 3 * 2  # lr x scaling
+    lora = [s for s in sweep if s.method == "lora"]
+    assert lr.selection({}, sweep, "lora") is None  # nothing done: pending
+    losses = {1e-4: 2.5, 3e-4: 2.4, 1e-3: None}  # the highest lr diverged
+    for spec in lora:
+        extra = {"diverged": "loss is nan at step 7"} if losses[spec.lr] is None else {}
+        write(args, fake_record(spec, args, losses[spec.lr] or 0.0, **extra))
+    chosen = lr.selection(lr.load_records(args), sweep, "lora")
+    assert chosen["lr"] == 3e-4 and not chosen["edge"]
+    write(args, fake_record(lora[0], args, 2.3))  # now lr 1e-4 wins, at the grid's edge
+    chosen = lr.selection(lr.load_records(args), sweep, "lora")
+    assert chosen["lr"] == 1e-4 and chosen["edge"]
+
+
+def test_plan_lists_stages_resumes_and_skips(tmp_path, sizes, capsys):
+    args = make_args(tmp_path, "--methods", "lora,rmlora-exact")
+    records = lr.load_records(args)
+    rows, per_stage = lr.plan_rows(args, sizes, records, lr.Estimator(args, records))
+    names = [spec.name for _, spec, _, _, _ in rows]
+    assert names[:3] == ["sweep-lora-lr1e-4-s42", "sweep-lora-lr3e-4-s42", "sweep-lora-lr1e-3-s42"]
+    assert {"final-lora-s42", "final-lora-s43", "final-rmlora-exact-s43", "base-test", "reg-gmlora-s42"} <= set(names)
+    assert all(seconds > 0 for *_, seconds, _ in rows) and set(per_stage) == {"sweep", "final", "reg"}
+    assert all(spec.lr is None for _, spec, *_ in rows if spec.stage in ("final", "reg"))  # waits for the sweep
+
+    sweep = lr.sweep_specs(args, sizes)
+    for spec in sweep:
+        write(args, fake_record(spec, args, 3.0 - spec.lr))
+    records = lr.load_records(args)
+    specs = lr.all_specs(args, sizes, records)
+    final = {s.name: s for s in specs["final"]}
+    assert final["final-lora-s42"].lr == 1e-3  # the sweep's choice reaches the final runs
+    write(args, fake_record(final["final-lora-s42"], args, 2.0))
+    # a run interrupted after step 50: a complete checkpoint and the runner's notes with the same settings
+    spec = final["final-lora-s43"]
+    checkpoint = Path(args.runs_dir) / spec.name / "checkpoints" / "step-50"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.pt").write_bytes(b"")
+    lr.study_path(spec, args).write_text(json.dumps({"settings": lr.settings_of(spec, args), "attempts": []}))
+    records = lr.load_records(args)
+    est = lr.Estimator(args, records)
+    states = {spec.name: (state, seconds) for _, spec, state, seconds, _ in lr.plan_rows(args, sizes, records, est)[0]}
+    assert states["sweep-lora-lr1e-4-s42"] == ({"state": "done", "step": args.sweep_steps}, 0.0)
+    assert states["final-lora-s42"][0]["state"] == "done" and states["final-lora-s42"][1] == 0.0
+    assert states["final-lora-s43"][0] == {"state": "resume", "step": 50}
+    assert states["final-lora-s43"][1] < states["final-rmlora-exact-s43"][1]  # 150 steps left against 200
+    # a changed setting (more steps) makes the finished run and the checkpoint stale
+    longer = make_args(tmp_path, "--methods", "lora,rmlora-exact", "--steps", "300", "--sweep-steps", "40")
+    spec300 = next(s for s in lr.all_specs(longer, sizes, records)["final"] if s.name == "final-lora-s43")
+    assert lr.run_state(spec300, longer)["state"] == "new"
+
+    lr.print_plan(args, sizes, records)
+    out = capsys.readouterr().out
+    assert "sweep-lora-lr1e-3-s42" in out and "resume @50" in out and "stage final" in out and "total:" in out
+
+
+def test_budget_marks_runs_that_do_not_fit(tmp_path, sizes):
+    args = make_args(tmp_path, "--methods", "lora", "--budget-minutes", "30")
+    records = lr.load_records(args)
+    rows, _ = lr.plan_rows(args, sizes, records, lr.Estimator(args, records))
+    fits = [fit for *_, fit in rows]
+    spent = 0.0
+    for (_, _, _, seconds, fit) in rows:  # greedy in order: a run fits if everything before it that fit leaves room
+        assert fit == (spent + seconds <= 30 * 60)
+        spent += seconds if fit else 0.0
+    assert any(fits) and not all(fits)
