@@ -14,6 +14,7 @@ way to add an attention implementation) together with SDPA's mask builder, so ba
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional
 
 import torch
@@ -64,11 +65,17 @@ def register() -> str:
     return NAME
 
 
-def use_for_packing(model) -> str:
-    """Switch a model that attends with SDPA to :data:`NAME`, and return the implementation the collator
-    should lay batches out for (``flash_attention_2`` and ``eager`` are kept as they are)."""
+def use_for_packing(model, compute_dtype: torch.dtype = torch.float32) -> str:
+    """Switch a model that attends with SDPA to the packed attention, and return the implementation the
+    collator should lay batches out for: FlashAttention-2's variable-length kernel on CUDA where
+    ``flash_attn`` is installed and the compute dtype is 16-bit (its only dtypes), :data:`NAME` otherwise;
+    ``flash_attention_2`` and ``eager`` models are kept as they are."""
     current = model.config._attn_implementation
     if current != "sdpa":
         return current
+    device = next(model.parameters()).device
+    if device.type == "cuda" and compute_dtype in (torch.float16, torch.bfloat16) and importlib.util.find_spec("flash_attn"):
+        model.set_attn_implementation("flash_attention_2")
+        return "flash_attention_2"
     model.set_attn_implementation(register())
     return NAME

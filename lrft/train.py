@@ -207,7 +207,7 @@ def setup_model(recipe: Recipe, accelerator, dtypes: Dtypes, total_steps: int, s
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if recipe.data.packing:
-        use_for_packing(model)
+        use_for_packing(model, dtypes.compute)
     if state is not None:  # before FSDP shards the adapter's tensors
         load_adapter_state_dict(layers, state["adapter"], source=str(state["path"] / "adapter" / "adapter.safetensors"))
     model.train()

@@ -92,18 +92,20 @@ def test_packed_batch_on_the_embedded_smollm2_in_4bit():
 
 @needs_cuda
 def test_packed_batch_with_flash_attention_on_cuda():
-    """FlashAttention-2's variable-length path: no mask, the boundaries read from the position ids."""
+    """FlashAttention-2's variable-length path, chosen by a packed bf16 run on CUDA: one row, no mask, the
+    boundaries read from the position ids."""
     pytest.importorskip("flash_attn")
     from transformers import LlamaForCausalLM
 
     from lrft.evaluate import summed_token_loss
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(attn_implementation="flash_attention_2")).to("cuda", torch.bfloat16)
+    model = LlamaForCausalLM(tiny_llama_config(attn_implementation="sdpa")).to("cuda", torch.bfloat16)
     examples = random_examples(12, seed=2)
     n_target = target_tokens(examples)
     with torch.no_grad():
         unpacked = summed_token_loss(model, {k: v.cuda() for k, v in collate(examples, 0).items()}) / n_target
+        assert packed_attention.use_for_packing(model, torch.bfloat16) == "flash_attention_2"
         batch = collate(pack(examples, 64), 0, "flash_attention_2")
         assert "attention_mask" not in batch
         packed = summed_token_loss(model, {k: v.cuda() for k, v in batch.items()}) / n_target
