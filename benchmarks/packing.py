@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from docs_section import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "lrft/samples/commonsense/train_mix.jsonl"
 MODES = {
@@ -105,15 +107,7 @@ def table(result: dict) -> str:
 
 
 def write_docs(text: str) -> None:
-    page = ROOT / "docs" / "benchmarks.md"
-    content = page.read_text()
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in content:
-        start, end = content.index(BEGIN), content.index(END) + len(END)
-        content = content[:start] + block + content[end:]
-    else:
-        content = content.rstrip() + "\n\n## Padding, length grouping and packing\n\n" + block + "\n"
-    page.write_text(content)
+    write_section(BEGIN, END, "Padding, length grouping and packing", text)
 
 
 def main() -> None:

@@ -355,6 +355,19 @@ class RecordToExample:
             example = tokenize_record(record, tok, s.format, s.cutoff_len, s.train_on_inputs)
         return example if has_targets(example) else None
 
+    def many(self, records: list, indices: list[int]) -> list[dict]:
+        """The examples of ``records[i]`` for ``indices``, in order, those with nothing to learn left out; a bad
+        record is one line naming its number (1-based)."""
+        out = []
+        for i in indices:
+            try:
+                example = self(records[i])
+            except RecordError as exc:
+                raise UserError(f"data {self.section.path}, record {i + 1} {exc}") from None
+            if example is not None:
+                out.append(example)
+        return out
+
 
 def load_training_data(section, tokenizer, seed: int, model_name: str = "the model") -> TokenizedData:
     records = read_records(section.path)
@@ -373,19 +386,7 @@ def load_training_data(section, tokenizer, seed: int, model_name: str = "the mod
         order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
         val_numbers, numbers = order[: section.val_size], sorted(order[section.val_size :])
     tokenize = RecordToExample(section, tokenizer, model_name)
-
-    def examples(indices: list[int]) -> list[dict]:
-        out = []
-        for i in indices:
-            try:
-                example = tokenize(records[i])
-            except RecordError as exc:
-                raise UserError(f"data {section.path}, record {i + 1} {exc}") from None
-            if example is not None:
-                out.append(example)
-        return out
-
-    train, val = examples(numbers), examples(val_numbers)
+    train, val = tokenize.many(records, numbers), tokenize.many(records, val_numbers)
     skipped = len(numbers) + len(val_numbers) - len(train) - len(val)
     if not train:
         raise UserError(

@@ -44,7 +44,7 @@ import torch
 
 from .adapters import get_adapter
 from .data import (
-    DataOrder, RecordError, RecordToExample, check_cutoff, check_data_source, load_training_data, micro_batches, pack, read_records,
+    DataOrder, RecordToExample, check_cutoff, check_data_source, load_training_data, micro_batches, pack, read_records,
 )
 from .errors import UserError
 from .inject import count_trainable, find_targets, inject_adapters, trainable_parameters
@@ -229,14 +229,7 @@ def sample_examples(recipe: Recipe, tokenizer, records: list) -> list[dict]:
     section = recipe.data
     check_cutoff(tokenizer, section.format, section.cutoff_len)
     tokenize = RecordToExample(section, tokenizer, recipe.model.name_or_path)
-    examples = []
-    for i in sorted(random.Random(recipe.training.seed).sample(range(len(records)), DATA_SAMPLE)):
-        try:
-            example = tokenize(records[i])
-        except RecordError as exc:
-            raise UserError(f"data {section.path}, record {i + 1} {exc}") from None
-        if example is not None:
-            examples.append(example)
+    examples = tokenize.many(records, sorted(random.Random(recipe.training.seed).sample(range(len(records)), DATA_SAMPLE)))
     if not examples:
         raise UserError(f"data {section.path}: none of {DATA_SAMPLE} records drawn has a token to learn from; check data.format")
     return examples
