@@ -83,6 +83,11 @@ LORA2_LRS = [1e-2, 3e-2, 1e-1]  # the recipe's 3e-2 in the middle: Λ starts at 
 RANDLORA_SCALINGS = [2.0, 20.0]  # alpha / r: the authors report 2r..20r working; 20 is lrft's default
 REG_SQUARED = [0.0, 1e-4, 1e-3, 1e-2]  # eq. 10 as printed, summed over layers (0 = GM-LoRA)
 REG_FROBENIUS = [0.01, 0.1, 1.0]  # the authors' code: unsquared, averaged over factors; 0.1 is theirs
+# A sweep whose best lr sits at the edge of its row (same scaling) has not bracketed the optimum: it gets the
+# next value of this ladder beyond that edge, up to MAX_EXTEND times per direction (a short sweep that stops at
+# its grid's edge picks the edge by construction, which is what the first 8 runs did for LoRA and RandLoRA).
+LR_LADDER = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
+MAX_EXTEND = 2
 SELECT_EVERY, SELECT_N = 4, 100  # selection split: records 0, 4, 8, ... of train_500.jsonl (25 per task)
 TEST_N = 200  # test split: the odd records (50 per task); disjoint from the selection split
 
@@ -236,35 +241,82 @@ def method_sets(key: str, sizes: dict, scaling: Optional[float]) -> dict:
     return sets
 
 
-def sweep_specs(args, sizes: dict) -> list[RunSpec]:
+def ladder_step(lr: float, direction: int) -> Optional[float]:
+    """The LR_LADDER value next to ``lr`` in ``direction`` (+1 up, -1 down); None past the ladder's end."""
+    i = min(range(len(LR_LADDER)), key=lambda j: abs(math.log(LR_LADDER[j] / lr)))
+    j = i + direction
+    return LR_LADDER[j] if 0 <= j < len(LR_LADDER) else None
+
+
+def sweep_spec(args, sizes: dict, key: str, lr: float, scaling: Optional[float]) -> RunSpec:
+    m, seed = METHODS[key], args.seeds[0]
+    tag = f"lr{lr_tag(lr)}" + ("" if scaling is None else f"-a{scaling:g}")
+    return RunSpec(f"sweep-{key}-{tag}-s{seed}", "sweep", key, seed, args.sweep_steps, "select",
+                   f"{m.label}, lr {lr:g}" + ("" if scaling is None else f", alpha/r {scaling:g}"),
+                   lr, scaling, method_sets(key, sizes, scaling), False, m.cost)
+
+
+def best_point(records: dict[str, dict], points: list[RunSpec]) -> Optional[tuple[float, RunSpec]]:
+    """(loss, spec) of the lowest finite selection loss once every point is done; None while one is missing or
+    when all diverged."""
+    if not points or any(s.name not in records for s in points):
+        return None
+    finite = [(held(records[s.name]), s) for s in points if math.isfinite(held(records[s.name]))]
+    return min(finite, key=lambda x: x[0]) if finite else None
+
+
+def row_lrs(points: list[RunSpec], scaling: Optional[float]) -> list[float]:
+    return sorted({s.lr for s in points if s.scaling == scaling})
+
+
+def extension(records: dict[str, dict], points: list[RunSpec], base_lrs: list) -> Optional[tuple[float, Optional[float]]]:
+    """(lr, scaling) of the next sweep point when the best so far sits at the edge of its row and the row has
+    been extended fewer than MAX_EXTEND times that way; None otherwise."""
+    found = best_point(records, points)
+    if found is None or len(base_lrs) < 2:
+        return None
+    best = found[1]
+    row = row_lrs(points, best.scaling)
+    direction = 1 if best.lr == row[-1] else -1 if best.lr == row[0] else 0
+    beyond = [x for x in row if (x > max(base_lrs) if direction > 0 else x < min(base_lrs))]
+    if direction == 0 or len(beyond) >= MAX_EXTEND:
+        return None
+    lr = ladder_step(best.lr, direction)
+    return None if lr is None else (lr, best.scaling)
+
+
+def sweep_specs(args, sizes: dict, records: Optional[dict[str, dict]] = None) -> list[RunSpec]:
+    """Every method's grid (RandLoRA: lr x scaling), then, given the finished ``records``, the points that
+    extend a row whose best lr is at its edge (see LR_LADDER)."""
     specs = []
-    seed = args.seeds[0]
     for key in args.methods:
         m = METHODS[key]
         scalings = [None] if m.scalings is None else (
             m.scalings if args.sweep_points >= len(m.lrs) else [RANDLORA_SCALINGS[-1]])
-        for scaling in scalings:
-            for lr in grid(m.lrs, args.sweep_points):
-                tag = f"lr{lr_tag(lr)}" + ("" if scaling is None else f"-a{scaling:g}")
-                specs.append(RunSpec(f"sweep-{key}-{tag}-s{seed}", "sweep", key, seed, args.sweep_steps, "select",
-                                     f"{m.label}, lr {lr:g}" + ("" if scaling is None else f", alpha/r {scaling:g}"),
-                                     lr, scaling, method_sets(key, sizes, scaling), False, m.cost))
+        base_lrs = grid(m.lrs, args.sweep_points)
+        points = [sweep_spec(args, sizes, key, lr, scaling) for scaling in scalings for lr in base_lrs]
+        while records is not None:
+            more = extension(records, points, base_lrs)
+            if more is None:
+                break
+            points.append(sweep_spec(args, sizes, key, *more))
+        specs += points
     return specs
 
 
 def selection(records: dict[str, dict], sweep: list[RunSpec], key: str) -> Optional[dict]:
     """The chosen (lr, scaling) of a method: the lowest selection-split loss once every sweep point is done
-    (diverged runs count as infinitely bad); None while a point is missing."""
+    (diverged runs count as infinitely bad); None while a point is missing. ``edge``: the choice is still at
+    the end of its row (same scaling) of learning rates, so the optimum may lie beyond it."""
     points = [s for s in sweep if s.method == key]
     if not points or any(s.name not in records for s in points):
         return None
-    scored = [(held(records[s.name]), s) for s in points]
-    finite = [x for x in scored if math.isfinite(x[0])]
-    if not finite:
+    found = best_point(records, points)
+    if found is None:
         return {"lr": None, "scaling": None, "loss": float("inf"), "edge": False, "all_diverged": True}
-    loss, best = min(finite, key=lambda x: x[0])
-    lrs = sorted({s.lr for s in points})
-    edge = len(lrs) > 1 and best.lr in (lrs[0], lrs[-1])
+    loss, best = found
+    row = row_lrs(points, best.scaling)
+    edge = len(row) > 1 and best.lr in (row[0], row[-1])
     return {"lr": best.lr, "scaling": best.scaling, "loss": loss, "edge": edge, "run": best.name}
 
 
@@ -316,7 +368,7 @@ def reg_specs(args, sizes: dict, records: dict, sweep: list[RunSpec]) -> list[Ru
 
 
 def all_specs(args, sizes: dict, records: dict) -> dict[str, list[RunSpec]]:
-    sweep = sweep_specs(args, sizes)
+    sweep = sweep_specs(args, sizes, records)
     stages = {"sweep": sweep, "final": final_specs(args, sizes, records, sweep), "reg": reg_specs(args, sizes, records, sweep)}
     out = {}
     for stage in args.stages:
@@ -487,6 +539,7 @@ class Estimator:
         measured = read_json(results_dir(args) / "step-times.json", {}) or {}
         overheads, per_record, eval_start, inspect_s = [], [], [], []
         self.inspect_by_method: dict[str, list[float]] = {}
+        pilot_keys: list[str] = []  # methods whose estimate is the pilot's step time
         for key, method in METHODS.items():
             own = [s / r["settings"]["batch_size"] for r in records.values()
                    if r.get("method") == key and r.get("stage") in ("sweep", "final", "reg")
@@ -505,6 +558,20 @@ class Estimator:
                 self.per_example[key] = (step_seconds(pilot["metrics"]) / pilot["settings"]["batch_size"],
                                          f"pilot {method.cost} (20 steps, batch {pilot['settings']['batch_size']}, "
                                          f"{pilot_threads} thread(s))")
+                pilot_keys.append(key)
+        # The pilot ran on a CPU shared with other jobs: its step times are rescaled by the median ratio
+        # (this study / pilot) of the methods measured both ways, which keeps the pilot's relative costs.
+        ratios = []
+        for key, method in METHODS.items():
+            pilot = read_json(pilot_dir / f"{method.cost}-s42.json")
+            if key in self.per_example and key not in pilot_keys and pilot and step_seconds(pilot["metrics"]):
+                ratios.append(self.per_example[key][0] * pilot["settings"]["batch_size"] / step_seconds(pilot["metrics"]))
+        if ratios:
+            ratio = statistics.median(ratios)
+            for key in pilot_keys:
+                value, source = self.per_example[key]
+                self.per_example[key] = (value * ratio, f"{source} x {ratio:.2f}, the median ratio of "
+                                                        f"{len(ratios)} method(s) timed both ways")
         for rec in list(records.values()) + [read_json(p) for p in pilot_dir.glob("*-s42.json")]:
             if not rec or "metrics" not in rec or "wall_s" not in rec:
                 continue
@@ -795,6 +862,8 @@ def print_plan(args, sizes: dict, records: dict) -> None:
         todo = sum(1 for r in rows if r[0] == stage and r[2]["state"] != "done")
         print(f"stage {stage:6s}: {n} runs, {todo} to do, ~{seconds / 3600:.1f} h wall = "
               f"~{args.threads * seconds / 3600:.1f} CPU-h at {args.threads} thread(s)")
+    print("(a sweep row whose best lr is at its edge gets up to "
+          f"{MAX_EXTEND} more points beyond it, which appear here once the row is done)")
     print(f"total: ~{total / 3600:.1f} h wall, ~{args.threads * total / 3600:.1f} CPU-h at {args.threads} thread(s), "
           "one run at a time")
     if args.budget_minutes:
@@ -898,7 +967,9 @@ def render(args, sizes: dict, records: dict) -> None:
         spent = sum(x["wall_s"].get("train", 0) + sum(v for k, v in x["wall_s"].items() if k != "train")
                     for x in records.values() if x["stage"] == stage or (stage == "final" and x["stage"] == "base"))
         rows.append([stage, str(len(stage_rows)), f"{spent / 3600:.1f}", f"{sum(r[3] for r in stage_rows) / 3600:.1f}"])
-    w("**CPU budget.** Wall hours of the runs (one torch thread each, one run at a time, so also CPU-hours): "
+    threads = sorted({r.get("threads") for r in records.values() if r.get("threads")}) or [args.threads]
+    w(f"**CPU budget.** Wall hours of the runs ({'/'.join(map(str, threads))} torch thread(s) each, one run at a "
+      "time; CPU-hours are the wall hours times the threads): "
       "spent so far, from the result files, and still to go, estimated as `--plan` does from measured step times "
       "(per method, with where it was measured: "
       + "; ".join(f"{METHODS[k].label} {v * args.batch_size:.1f} s/step from {src}" for k, (v, src) in
@@ -962,8 +1033,10 @@ def render(args, sizes: dict, records: dict) -> None:
 
     w("## Learning-rate sweep\n")
     w(f"Held-out loss on the selection split after {steps_sweep} steps (seed {args.seeds[0]}); the chosen point is "
-      "in bold, and a choice at the edge of its grid is flagged (the optimum may lie outside it). RandLoRA sweeps "
-      "its scaling alpha/r with the lr.\n")
+      "in bold. A row (one scaling) whose best lr is at its edge is extended by the next value of the ladder "
+      f"{', '.join(f'{x:g}' for x in LR_LADDER)} beyond that edge, up to {MAX_EXTEND} times per direction, so "
+      "that the choice is bracketed; a choice still at an edge after that is flagged (the optimum may lie outside "
+      "the grid). RandLoRA sweeps its scaling alpha/r with the lr.\n")
     rows = []
     for key in METHODS:
         points = [s for s in sweep if s.method == key]
@@ -1173,18 +1246,19 @@ def main(argv: Optional[list[str]] = None) -> None:
         t0 = time.time()
         try:
             for stage in args.stages:
-                # specs are rebuilt per stage: a later stage reads the choices the earlier ones just made
-                for spec in all_specs(args, sizes, load_records(args)).get(stage, []):
+                passed = set()  # runs waiting for a sweep, or failed: not tried again in this stage
+                while True:
+                    # rebuilt after every run: a finished sweep sets the lr of later stages, or extends its grid
                     records = load_records(args)
+                    spec = next((s for s in all_specs(args, sizes, records).get(stage, []) if s.name not in passed
+                                 and run_state(s, args)["state"] != "done"), None)
+                    if spec is None:
+                        break
                     state = run_state(spec, args)
-                    if state["state"] == "done":
-                        continue
                     if spec.stage != "base" and spec.lr is None:
-                        # rebuilt from the latest records: a sweep finished in this invocation sets it
-                        spec = next(s for s in all_specs(args, sizes, records)[stage] if s.name == spec.name)
-                        if spec.lr is None:
-                            print(f"[wait] {spec.name}: the {spec.waits_for} sweep is not complete", flush=True)
-                            continue
+                        print(f"[wait] {spec.name}: the {spec.waits_for} sweep is not complete", flush=True)
+                        passed.add(spec.name)
+                        continue
                     need = Estimator(args, records).seconds(spec, state)
                     if need > runner.left() and not args.fill:
                         print(f"[budget] {spec.name} needs ~{need / 60:.0f} min, {runner.left() / 60:.0f} min left: "
@@ -1198,6 +1272,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         raise
                     except Exception as exc:  # noqa: BLE001
                         failures.append((spec.name, str(exc)))
+                        passed.add(spec.name)
                         print(f"[FAILED] {spec.name}: {exc}", flush=True)
                         if not args.keep_going:
                             raise Stop

@@ -5,6 +5,7 @@ run and skips finished ones."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -39,6 +40,11 @@ def write(args, record: dict) -> None:
     (path / f"{record['name']}.json").write_text(json.dumps(record))
 
 
+def bowl(spec) -> float:
+    """A sweep loss whose minimum is the centre of the method's grid (so no row is extended)."""
+    return 2.0 + abs(math.log(spec.lr / lr.centre(lr.METHODS[spec.method].lrs)))
+
+
 def test_matched_parameter_counts(sizes):
     assert sizes["lora"]["params"] == 16 * 6912 * 30 == 3_317_760  # r (in + out) over q, k, v, up, down x 30
     for key, s in sizes.items():
@@ -59,7 +65,7 @@ def test_every_planned_run_is_a_valid_recipe(tmp_path, sizes):
     args = make_args(tmp_path)
     sweep = lr.sweep_specs(args, sizes)
     for spec in sweep:  # complete every sweep so that the final and reg runs get their lr
-        write(args, fake_record(spec, args, 2.0 + spec.lr))
+        write(args, fake_record(spec, args, bowl(spec)))
     specs = lr.all_specs(args, sizes, lr.load_records(args))
     runs = [s for stage in specs.values() for s in stage if s.stage != "base"]
     assert len(runs) == 24 + 12 + 7
@@ -102,6 +108,42 @@ def test_selection_takes_the_lowest_finite_loss_and_flags_the_edge(tmp_path, siz
     assert chosen["lr"] == 1e-4 and chosen["edge"]
 
 
+def test_a_sweep_whose_best_lr_is_at_the_edge_is_extended_until_bracketed(tmp_path, sizes):
+    args = make_args(tmp_path, "--methods", "lora,randlora")
+    loss = {1e-4: 2.0, 3e-4: 1.8, 1e-3: 1.6, 3e-3: 1.5, 1e-2: 1.4, 3e-2: 1.3}  # falls all the way up
+    for spec in lr.sweep_specs(args, sizes, lr.load_records(args)):
+        if spec.method == "lora":
+            write(args, fake_record(spec, args, loss[spec.lr]))
+    names = lambda: [s.name for s in lr.sweep_specs(args, sizes, lr.load_records(args)) if s.method == "lora"]
+    assert names()[-1] == "sweep-lora-lr3e-3-s42"  # 1e-3 won at the top edge: one more point above
+    assert lr.selection(lr.load_records(args), lr.sweep_specs(args, sizes, lr.load_records(args)), "lora") is None
+    for spec in lr.sweep_specs(args, sizes, lr.load_records(args)):
+        if spec.method == "lora" and spec.name not in lr.load_records(args):
+            write(args, fake_record(spec, args, loss[spec.lr]))
+    assert names()[-1] == "sweep-lora-lr1e-2-s42"
+    for spec in lr.sweep_specs(args, sizes, lr.load_records(args)):
+        if spec.method == "lora" and spec.name not in lr.load_records(args):
+            write(args, fake_record(spec, args, loss[spec.lr]))
+    assert len(names()) == 3 + lr.MAX_EXTEND  # capped: still the best at the edge, and flagged
+    chosen = lr.selection(lr.load_records(args), lr.sweep_specs(args, sizes, lr.load_records(args)), "lora")
+    assert chosen["lr"] == 1e-2 and chosen["edge"]
+
+    # RandLoRA: the row of the winning scaling is extended; an interior winner stops the extension
+    randlora = {(1e-4, 2.0): 2.0, (3e-4, 2.0): 1.9, (1e-3, 2.0): 1.7,
+                (1e-4, 20.0): 1.9, (3e-4, 20.0): 1.75, (1e-3, 20.0): 1.8, (3e-3, 2.0): 1.72}
+    for spec in lr.sweep_specs(args, sizes, lr.load_records(args)):
+        if spec.method == "randlora":
+            write(args, fake_record(spec, args, randlora[spec.lr, spec.scaling]))
+    sweep = lr.sweep_specs(args, sizes, lr.load_records(args))
+    extra = [s for s in sweep if s.method == "randlora"][6:]
+    assert [(s.lr, s.scaling) for s in extra] == [(3e-3, 2.0)]
+    write(args, fake_record(extra[0], args, randlora[3e-3, 2.0]))  # worse than 1e-3: bracketed
+    sweep = lr.sweep_specs(args, sizes, lr.load_records(args))
+    assert len([s for s in sweep if s.method == "randlora"]) == 7
+    chosen = lr.selection(lr.load_records(args), sweep, "randlora")
+    assert (chosen["lr"], chosen["scaling"], chosen["edge"]) == (1e-3, 2.0, False)
+
+
 def test_plan_lists_stages_resumes_and_skips(tmp_path, sizes, capsys):
     args = make_args(tmp_path, "--methods", "lora,rmlora-exact")
     records = lr.load_records(args)
@@ -114,11 +156,11 @@ def test_plan_lists_stages_resumes_and_skips(tmp_path, sizes, capsys):
 
     sweep = lr.sweep_specs(args, sizes)
     for spec in sweep:
-        write(args, fake_record(spec, args, 3.0 - spec.lr))
+        write(args, fake_record(spec, args, bowl(spec)))
     records = lr.load_records(args)
     specs = lr.all_specs(args, sizes, records)
     final = {s.name: s for s in specs["final"]}
-    assert final["final-lora-s42"].lr == 1e-3  # the sweep's choice reaches the final runs
+    assert final["final-lora-s42"].lr == 3e-4  # the sweep's choice reaches the final runs
     write(args, fake_record(final["final-lora-s42"], args, 2.0))
     # a run interrupted after step 50: a complete checkpoint and the runner's notes with the same settings
     spec = final["final-lora-s43"]
