@@ -4,7 +4,9 @@ orthogonality (the ``lrft inspect-rank`` command and its tables and plots are in
 Per layer, from the singular values σ_1 ≥ σ_2 ≥ … of ΔW (shape m × n = out × in):
 
 * ``rank_bound``: what the parameterisation allows: min(m, n, k) for a product B·A with inner
-  dimension k (LoRA r, VeRA r, …), min(m, n) for full-rank adapters (RandLoRA, DoRA).
+  dimension k (LoRA r, VeRA r, …), min(m, n) for full-rank adapters (RandLoRA, DoRA), lowered to the
+  number of directions the frozen bases reach where they leave some empty (sparse RandLoRA with one A
+  shared by all terms: its all-zero columns; ``AdapterLayer.rank_ceiling``).
 * ``rank``: the numerical rank, the number of σ_i above ``max(m, n) · eps · σ_max`` (the rule of
   ``numpy.linalg.matrix_rank``) with eps that of float32, the dtype ΔW is defined in (``delta_weight()`` and
   ``factors()`` return float32; adapters store float32 or less). The spectrum itself is computed in float64
@@ -73,6 +75,7 @@ class InspectedLayer:
     factors: Callable[[], Optional[tuple[Tensor, Tensor]]]  # (B, A) with ΔW = B @ A, or None
     delta_weight: Callable[[torch.device], Tensor]  # dense ΔW (out, in), formed on the given device
     orthogonality_factors: Callable[[], Optional[tuple[Tensor, Tensor]]] = lambda: None  # unscaled (B, A)
+    rank_ceiling: Callable[[], Optional[int]] = lambda: None  # AdapterLayer.rank_ceiling
 
 
 # --- orthogonality ---------------------------------------------------------------------------------------
@@ -182,7 +185,8 @@ def compute_spectra(
 
     def record(index: int, sigma: Tensor, method: str, inner_dim: Optional[int]) -> None:
         layer = layers[index]
-        bound = min(layer.out_features, layer.in_features, inner_dim or layer.out_features)
+        bound = min(layer.out_features, layer.in_features, inner_dim or layer.out_features,
+                    layer.rank_ceiling() or layer.out_features)
         orth_A, orth_B = _orthogonality(layer)
         results[index] = LayerSpectrum(
             layer.name, layer.out_features, layer.in_features, bound, sigma.cpu().double(), method, orth_A, orth_B

@@ -61,6 +61,7 @@ def _inspected(name: str, layer) -> InspectedLayer:
     return InspectedLayer(
         name=name, out_features=layer.out_features, in_features=layer.in_features, factors=layer.factors,
         delta_weight=delta_weight, orthogonality_factors=layer.orthogonality_factors,
+        rank_ceiling=layer.rank_ceiling,
     )
 
 

@@ -175,6 +175,11 @@ class AdapterLayer(nn.Module):
         """
         return None
 
+    def rank_ceiling(self) -> Optional[int]:
+        """A bound on rank(ΔW) below min(out, in) that the frozen parts impose whatever is trained (sparse
+        random bases with empty input directions), for inspect-rank's ``rank_bound``; None when there is none."""
+        return None
+
     def orthogonality_factors(self) -> Optional[tuple[Tensor, Tensor]]:
         """(B, A), unscaled, for adapters whose paper regularises ‖BᵀB − I‖²_F and ‖AAᵀ − I‖²_F
         (RM-LoRA eq. 10, AdaLoRA's P and Q); inspect-rank reports both. None when there are none."""

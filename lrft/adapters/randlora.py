@@ -652,6 +652,15 @@ class RandLoRALayer(AdapterLayer):
             C = bases.B.float() @ M
         return C if self.input_is_small else C.mT.contiguous()
 
+    def rank_ceiling(self) -> Optional[int]:
+        # ΔW = B·M reads only the small-side directions some A_j has a non-zero in, and writes only the
+        # large-side ones some row of B reaches (with one shared A, about d·(1 − (1 − 2/s)^r) of d)
+        if not self.bases.sparse:
+            return None
+        small_side = int((self.bases.dense_A_stack() != 0).any(dim=0).sum())
+        large_side = int((self.bases.dense_B() != 0).any(dim=1).sum())
+        return min(small_side, large_side)
+
     @classmethod
     def num_trainable(cls, in_features: int, out_features: int, config: AdapterConfig) -> int:
         small = min(in_features, out_features)
