@@ -204,7 +204,11 @@ def setup_model(recipe: Recipe, accelerator, dtypes: Dtypes, total_steps: int, s
         seed_everything(tcfg.seed + 1_000_003 * rank)
     controller = get_adapter(recipe.adapter.type).controller(layers, recipe.adapter, total_steps)
     if tcfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:  # transformers' new name; gradient_checkpointing_enable warns and goes in v6
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if recipe.data.packing:
         use_for_packing(model, dtypes.compute)

@@ -228,3 +228,28 @@ def test_tensorboard_scalars_equal_the_metrics_file(tiny_model_dir, tmp_path):
         assert [s for s, _ in got] == [s for s, _ in expected], key
         for (_, value), (_, want) in zip(got, expected):
             assert value == pytest.approx(want, rel=1e-6), key  # TensorBoard stores float32
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, tmp_path):
+    """Activation checkpointing recomputes the forward in the backward: the same steps, losses and adapter
+    to float32 rounding, through transformers' current entry point (the old name warns of its removal)."""
+    import warnings
+
+    import torch
+    from safetensors.torch import load_file
+
+    runs = {}
+    for checkpointing in (False, True):
+        out = tmp_path / f"gc-{checkpointing}"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = run_cli(tiny_args(tiny_model_dir, out, "--max-steps", "3", "--set", "adapter.dropout=0",
+                                       "--set", "training.learning_rate=3e-3", "--set", "training.save_steps=100",
+                                       "--set", f"training.gradient_checkpointing={str(checkpointing).lower()}"))
+        assert result.exit_code == 0, result.output
+        assert not [w for w in caught if "gradient_checkpointing_enable" in str(w.message)]
+        losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[checkpointing] = (losses, load_file(out / "adapter" / "adapter.safetensors"))
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for key, value in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][key], value, rtol=1e-4, atol=1e-6)
