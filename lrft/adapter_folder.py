@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .adapters import AdapterSpec, get_adapter, known_types
-from .adapters.base import AdapterConfig, AdapterLayer, SharedTensors
+from .adapters.base import AdapterConfig, AdapterLayer, SharedTensors, rebuilding_trained_layers
 from .errors import UserError
 from .inject import adapter_state_dict, count_trainable, replace_module, split_by_layer
 from .io import save_tensors_atomic, write_json_atomic
@@ -226,7 +226,8 @@ class AdapterFolder:
         for name, (in_features, out_features) in self.layer_shapes.items():
             stand_in = ShapeOnlyLinear(in_features, out_features, device="meta")
             try:
-                layer = self.spec.layer(stand_in, self.config_for(name), shared, name, self.dtypes.frozen)
+                with rebuilding_trained_layers():
+                    layer = self.spec.layer(stand_in, self.config_for(name), shared, name, self.dtypes.frozen)
             except (UserError, ValueError) as exc:
                 raise UserError(f"{self.path / CONFIG_NAME}: layer {name} cannot be built ({exc}); the adapter folder is damaged") from None
             expected = {key: tuple(value.shape) for key, value in layer.adapter_state_dict().items()}
@@ -274,7 +275,8 @@ class AdapterFolder:
                 f"adapter layer {name} is {in_features}->{out_features} but the base's is "
                 f"{base_layer.in_features}->{base_layer.out_features}; the adapter belongs to another base model"
             )
-        layer = self.spec.layer(base_layer, self.config_for(name), self.shared, name, self.dtypes.frozen)
+        with rebuilding_trained_layers():
+            layer = self.spec.layer(base_layer, self.config_for(name), self.shared, name, self.dtypes.frozen)
         layer.load_adapter_state_dict({k: v.to(layer.device) for k, v in self.tensors[name].items()})
         return layer.eval()
 

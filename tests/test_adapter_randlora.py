@@ -8,9 +8,12 @@ from pydantic import ValidationError
 from adapter_reference import NAIVE, build_layer, check_all, naive_of
 from conftest import make_linear
 from lrft.adapters import get_adapter, randlora
+from lrft.adapter_folder import AdapterFolder, save_adapter
 from lrft.adapters.base import SharedTensors
 from lrft.adapters.randlora import expected_sparse_rank, forming_is_cheaper
 from lrft.errors import UserError
+
+FLOAT32 = {"load": "float32", "compute": "float32", "frozen": "float32"}
 
 SPEC = get_adapter("randlora")
 
@@ -273,7 +276,7 @@ def test_keep_rank_matches_naive_reference(shape):
     check_all(build_layer("randlora", "none", *shape, r=8, basis="sparse", sparsity=6, keep_rank=True))
 
 
-def test_low_expected_rank_warns_once_with_the_fix(monkeypatch, capsys):
+def test_low_expected_rank_warns_once_with_the_fix(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(randlora, "_WARNED", set())
     build_layer("randlora", "none", 576, 1536, r=10, basis="sparse", randomize=False)
     build_layer("randlora", "none", 1536, 576, r=10, basis="sparse", randomize=False)  # same d, r, s: once
@@ -286,6 +289,19 @@ def test_low_expected_rank_warns_once_with_the_fix(monkeypatch, capsys):
     build_layer("randlora", "none", 576, 1536, r=10, basis="sparse", sparsity=9.7, randomize=False)
     build_layer("randlora", "none", 576, 1536, r=44, basis="sparse", randomize=False)
     assert expected_sparse_rank(576, 10, 9.7) >= 0.9 * 576 and expected_sparse_rank(576, 44, math.sqrt(1536)) >= 0.9 * 576
+    assert "warning:" not in capsys.readouterr().err
+
+    # an adapter folder rebuilding trained layers (merge, eval, inspect-rank) does not repeat the advice
+    monkeypatch.setattr(randlora, "_WARNED", set())
+    layer = build_layer("randlora", "none", 576, 1536, r=10, basis="sparse", randomize=False)
+    capsys.readouterr()
+    monkeypatch.setattr(randlora, "_WARNED", set())
+    folder = tmp_path / "adapter"
+    save_adapter(folder, {"model.layers.0.mlp.up_proj": layer}, layer.config,
+                 {"base_model": {"name_or_path": "none"}, "quantization": {"bits": None}, "dtypes": FLOAT32})
+    loaded = AdapterFolder.read(folder)
+    loaded.check_tensors()
+    torch.testing.assert_close(loaded.layer("model.layers.0.mlp.up_proj").delta_weight(), layer.delta_weight())
     assert "warning:" not in capsys.readouterr().err
 
 

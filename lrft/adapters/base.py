@@ -16,6 +16,8 @@ applies exactly that matrix.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import math
 from typing import Any, Callable, ClassVar, Literal, Optional, Union
@@ -50,6 +52,25 @@ class AdapterConfig(BaseModel):
     @property
     def scaling(self) -> float:
         return (self.alpha if self.alpha is not None else self.default_alpha()) / self.r
+
+
+# True while an adapter folder rebuilds layers that were already trained (merge, eval, inspect-rank,
+# generate): advice about a configuration (RandLoRA's sparse-rank warning) is for whoever builds it to
+# train, and would only repeat on every reload.
+_REBUILDING = contextvars.ContextVar("lrft_rebuilding_trained_layers", default=False)
+
+
+@contextlib.contextmanager
+def rebuilding_trained_layers():
+    token = _REBUILDING.set(True)
+    try:
+        yield
+    finally:
+        _REBUILDING.reset(token)
+
+
+def building_for_training() -> bool:
+    return not _REBUILDING.get()
 
 
 class SharedTensors:

@@ -93,7 +93,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .base import AdapterConfig, AdapterLayer, SharedTensors
+from .base import AdapterConfig, AdapterLayer, SharedTensors, building_for_training
 
 Basis = Literal["uniform", "normal", "binary", "sparse"]
 
@@ -589,7 +589,7 @@ class RandLoRALayer(AdapterLayer):
         self.num_terms = math.ceil(self.small_features / config.r)
         self.sparsity = self._resolve_sparsity(config)
         self.keep_rank = config.keep_rank
-        if self.sparsity is not None and not self.keep_rank:
+        if self.sparsity is not None and not self.keep_rank and building_for_training():
             _warn_low_rank(self.small_features, self.large_features, self.basis_rank, self.sparsity,
                            config.sparsity is not None)
         # Λ_j diagonals as rows (n, r); Γ_j diagonals as rows (n, d).
