@@ -101,6 +101,7 @@ class Method:
     lrs: list
     scalings: Optional[list] = None  # RandLoRA: alpha = scaling · r, swept with the lr
     cost: str = ""  # which pilot run's step time estimates this one
+    lr_from: Optional[str] = None  # no sweep of its own: its final runs take this method's choice (an ablation)
 
 
 METHODS: dict[str, Method] = {m.key: m for m in [
@@ -110,6 +111,11 @@ METHODS: dict[str, Method] = {m.key: m for m in [
     Method("randlora-sparse-keep", "RandLoRA sparse s=√D, keep_rank", "randlora",
            {"adapter.basis": "sparse", "adapter.keep_rank": True}, LORA_LRS, RANDLORA_SCALINGS,
            cost="randlora-r10-sparse-sqrtD"),
+    # issue 20 part 2 on SmolLM2: the same sparse bases with one A shared by all terms (lrft's default, the
+    # paper's eq. 4, PEFT), at keep_rank's (lr, scaling) so that only the sharing differs
+    Method("randlora-sparse-shared", "RandLoRA sparse s=√D, one shared A", "randlora",
+           {"adapter.basis": "sparse", "adapter.keep_rank": False}, LORA_LRS, RANDLORA_SCALINGS,
+           cost="randlora-r10-sparse-sqrtD", lr_from="randlora-sparse-keep"),
     Method("rmlora-exact", "RM-LoRA, exact masking (Algorithm 1)", "rmlora",
            {"adapter.orth_reg": ORTH_REG, "adapter.orth_reg_norm": "squared", "adapter.mask_mode": "exact"},
            LORA_LRS, cost="rmlora-r16"),
@@ -291,6 +297,8 @@ def sweep_specs(args, sizes: dict, records: Optional[dict[str, dict]] = None) ->
     specs = []
     for key in args.methods:
         m = METHODS[key]
+        if m.lr_from:
+            continue
         scalings = [None] if m.scalings is None else (
             m.scalings if args.sweep_points >= len(m.lrs) else [RANDLORA_SCALINGS[-1]])
         base_lrs = grid(m.lrs, args.sweep_points)
@@ -325,11 +333,11 @@ def final_specs(args, sizes: dict, records: dict, sweep: list[RunSpec]) -> list[
     for seed in args.seeds:  # seed-major: an interrupted study has whole seeds
         for key in args.methods:
             m = METHODS[key]
-            chosen = selection(records, sweep, key)
+            chosen = selection(records, sweep, m.lr_from or key)
             lr = chosen["lr"] if chosen else None
             scaling = chosen["scaling"] if chosen else (RANDLORA_SCALINGS[-1] if m.scalings else None)
             specs.append(RunSpec(f"final-{key}-s{seed}", "final", key, seed, args.steps, "test", m.label, lr, scaling,
-                                 method_sets(key, sizes, scaling), True, m.cost, waits_for=key))
+                                 method_sets(key, sizes, scaling), True, m.cost, waits_for=m.lr_from or key))
     return specs
 
 
@@ -369,7 +377,11 @@ def reg_specs(args, sizes: dict, records: dict, sweep: list[RunSpec]) -> list[Ru
 
 def all_specs(args, sizes: dict, records: dict) -> dict[str, list[RunSpec]]:
     sweep = sweep_specs(args, sizes, records)
-    stages = {"sweep": sweep, "final": final_specs(args, sizes, records, sweep), "reg": reg_specs(args, sizes, records, sweep)}
+    # choices come from every method's sweep, so that a part (--methods) can run a final whose lr another
+    # invocation's sweep chose
+    every_sweep = sweep_specs(argparse.Namespace(**{**vars(args), "methods": list(METHODS)}), sizes, records)
+    stages = {"sweep": sweep, "final": final_specs(args, sizes, records, every_sweep),
+              "reg": reg_specs(args, sizes, records, every_sweep)}
     out = {}
     for stage in args.stages:
         specs = stages[stage]
@@ -1039,6 +1051,10 @@ def render(args, sizes: dict, records: dict) -> None:
       "the grid). RandLoRA sweeps its scaling alpha/r with the lr.\n")
     rows = []
     for key in METHODS:
+        if METHODS[key].lr_from:
+            rows.append([METHODS[key].label, f"no sweep of its own: the final runs take the choice of "
+                         f"{METHODS[METHODS[key].lr_from].label}, so that only the sharing of A differs", "–"])
+            continue
         points = [s for s in sweep if s.method == key]
         if not points:
             continue

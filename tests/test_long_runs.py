@@ -68,7 +68,7 @@ def test_every_planned_run_is_a_valid_recipe(tmp_path, sizes):
         write(args, fake_record(spec, args, bowl(spec)))
     specs = lr.all_specs(args, sizes, lr.load_records(args))
     runs = [s for stage in specs.values() for s in stage if s.stage != "base"]
-    assert len(runs) == 24 + 12 + 7
+    assert len(runs) == 24 + 14 + 7  # the shared-A sparse ablation has final runs only
     for spec in runs:
         assert spec.lr is not None, spec.name
         cmd = lr.train_command(spec, args, resume=False)
@@ -78,6 +78,10 @@ def test_every_planned_run_is_a_valid_recipe(tmp_path, sizes):
         assert recipe.training.save_steps == args.save_steps and recipe.data.path == lr.TRAIN
         if spec.method == "randlora-sparse-keep":
             assert recipe.adapter.basis == "sparse" and recipe.adapter.keep_rank
+        if spec.method == "randlora-sparse-shared":
+            assert recipe.adapter.basis == "sparse" and not recipe.adapter.keep_rank
+            keep = next(s for s in runs if s.name == spec.name.replace("shared", "keep"))
+            assert (spec.lr, spec.scaling) == (keep.lr, keep.scaling)
         if spec.method == "rmlora-grad_only":
             assert recipe.adapter.mask_mode == "grad_only"
         if spec.name.startswith("reg-rmlora-frobenius"):
@@ -86,6 +90,12 @@ def test_every_planned_run_is_a_valid_recipe(tmp_path, sizes):
             assert recipe.adapter.mask_rank is None and not recipe.adapter.masking
         if spec.name.startswith("reg-gmlora"):
             assert recipe.adapter.orth_reg == 0 and recipe.adapter.masking
+    # a part run (--methods) of the ablation alone reads keep_rank's choice from the other sweep's files
+    part = make_args(tmp_path, "--methods", "randlora-sparse-shared", "--stages", "final")
+    part_specs = lr.all_specs(part, sizes, lr.load_records(part))
+    assert [s.name for s in part_specs["final"]] == ["base-test", "final-randlora-sparse-shared-s42",
+                                                     "final-randlora-sparse-shared-s43"]
+    assert all(s.lr is not None for s in part_specs["final"][1:])
     # both norms are swept, and the squared default is the final run (not repeated)
     reg = [s.name for s in specs["reg"]]
     assert sum("frobenius" in n for n in reg) == 3 and sum("squared" in n for n in reg) == 2
