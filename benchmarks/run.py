@@ -752,13 +752,11 @@ def machine_info(device: str) -> dict:
 
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    with contextlib.suppress(OSError):
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-        info["cpu"] = model.group(1).strip() if model else platform.processor()
-        flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
-        if flags:
-            info["cpu_avx512"] = sorted(f for f in flags.group(1).split() if f in ("avx512f", "avx512_bf16", "amx_bf16"))
+    from lrft.train import machine_info as lrft_machine_info
+
+    machine = lrft_machine_info()
+    info["cpu"] = machine["cpu"]
+    info["cpu_avx512"] = sorted(f for f in machine["cpu_flags"] if f in ("avx512f", "avx512_bf16", "amx_bf16"))
     with contextlib.suppress(OSError, ValueError):
         info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     if device == "cuda" and torch.cuda.is_available():

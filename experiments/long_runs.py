@@ -54,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -817,7 +818,11 @@ def _alive(pid: int) -> bool:
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+    from lrft.train import machine_info
+
+    info = machine_info()
+    return (f"{info['cpu']} ({', '.join(info['cpu_flags']) or 'no AVX2'}), {info['cpu_cores']} CPU cores, "
+            f"Python {platform.python_version()}")
 
 
 # --- plan ------------------------------------------------------------------------------------------------
@@ -1007,8 +1012,13 @@ def render(args, sizes: dict, records: dict) -> None:
                   "down of all 30 layers (150 modules)"],
         ["lrft", f"{any_rec['run'].get('lrft_version')}; torch {versions.get('torch', '?')}, "
                  f"bitsandbytes {versions.get('bitsandbytes', '?')}" if any_rec else "– (no run yet)"],
-        ["machine", (any_rec or {}).get("machine", machine()) + f", {(any_rec or {}).get('threads', args.threads)} "
-                    "torch thread(s) per run, one run at a time"],
+        ["machine", ("; ".join(f"{m} ({n} runs)" for m, n in Counter(r.get("machine") for r in records.values()
+                                                                     if r.get("machine")).items()) or machine())
+                    + "; torch threads per run: "
+                    + (", ".join(f"{t} ({n} runs)" for t, n in sorted(Counter(r["threads"] for r in trained if r.get("threads")).items()))
+                       or str(args.threads))
+                    + "; runs at 1 thread ran two at a time (two invocations on disjoint methods), so step times "
+                      "compare only within one thread count"],
         ["training", f"`{TRAIN}`, cutoff 256, AdamW, linear decay after 10 % warm-up, batch {batch} "
                      f"(micro-batch {MICRO_BATCH}); sweep runs {steps_sweep} steps, final and reg runs {steps_final} "
                      f"steps ({steps_final * batch} examples)"],

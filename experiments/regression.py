@@ -72,6 +72,7 @@ if str(ROOT) not in sys.path:
 from lrft.adapters import get_adapter  # noqa: E402
 from lrft.adapters.randlora import RandLoRAConfig, RandLoRALayer, _uniform  # noqa: E402
 from lrft.inject import inject_adapters  # noqa: E402
+from lrft.train import machine_info  # noqa: E402
 
 SCHEMA = 1
 EXACT = 1e-5  # relative error treated as an exact fit (float32 floor of the fit)
@@ -429,18 +430,8 @@ def train(built: Built, prob: Problem, lr: float, max_steps: int, window: int, p
 # --- settings and result files ----------------------------------------------------------------------------
 
 def cpu_info() -> dict:
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                break
-    except OSError:
-        pass
-    wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile"]
-    return dict(model=model, flags=[f for f in wanted if f in flags], cores=os.cpu_count())
+    info = machine_info()
+    return dict(model=info["cpu"], flags=info["cpu_flags"], cores=info["cpu_cores"])
 
 
 def environment() -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import resource
 import shutil
@@ -241,6 +242,7 @@ def run_info(run: Run, mixed: str, dtypes: Dtypes, n_trainable: int, state: Opti
     return {
         "lrft_version": __version__,
         "versions": library_versions(),
+        "machine": machine_info(),
         "seed": run.recipe.training.seed,
         "recipe_hash": run.recipe.section_hash(),
         "device": str(acc.device),
@@ -489,6 +491,29 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[pkg] = "not installed"
     return out
+
+
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def machine_info() -> dict[str, Any]:
+    """The hardware a run or benchmark ran on: CPU model and the vector extensions that change CPU kernel
+    speed (AVX-512, AVX512-BF16 and AMX machines are several times faster than AVX2 ones), cores, torch
+    threads, and the GPU if one is used."""
+    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cpu_flags": [],
+                            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                info["cpu_flags"] = [f for f in CPU_FLAGS if f in flags]
+                break
+    except OSError:
+        pass
+    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return info
 
 
 class StopFlag:

@@ -49,6 +49,7 @@ def test_train_writes_the_run_layout(tiny_model_dir, tmp_path):
     assert len(cfg["layers"]) == 2 * 5
     run = json.loads((out / "run.json").read_text())
     assert run["seed"] == 42 and "torch" in run["versions"] and run["recipe_hash"]
+    assert run["machine"]["cpu_cores"] >= 1 and isinstance(run["machine"]["cpu_flags"], list)  # speeds need the flags
     # "auto" is recorded as what it resolved to: float32 on a CPU
     assert run["dtypes"] == {"load": "float32", "compute": "float32", "frozen": "float32"}
 
