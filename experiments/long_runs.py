@@ -937,6 +937,21 @@ def mean_se(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {se:.{digits}f}"
 
 
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t, 1..10 df
+
+
+def t_interval(values: list[float], digits: int = 3) -> str:
+    """The 95 % confidence interval of the mean (Student t, n − 1 df), and whether it excludes 0: with two
+    seeds t is 12.7, so only a difference far larger than its seed-to-seed spread counts."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if len(values) < 2:
+        return "–"
+    half = (T_975[len(values) - 2] if len(values) <= 11 else 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    mean = statistics.mean(values)
+    verdict = "excludes 0" if abs(mean) > half else "includes 0"
+    return f"[{mean - half:+.{digits}f}, {mean + half:+.{digits}f}] ({verdict})"
+
+
 def summary_of(record: dict, key: str = "default") -> dict:
     return ((record.get("inspect") or {}).get(key) or {}).get("summary", {}).get("overall", {})
 
@@ -1094,7 +1109,7 @@ def render(args, sizes: dict, records: dict) -> None:
         recs = sorted((r for r in records.values() if r["stage"] == "final" and r["method"] == key),
                       key=lambda r: r["seed"])
         if not recs:
-            rows.append([METHODS[key].label] + ["–"] * 8)
+            rows.append([METHODS[key].label] + ["–"] * 9)
             continue
         diffs = [held(r) - lora_by_seed[r["seed"]] for r in recs if r["seed"] in lora_by_seed] if key != "lora" else []
         d = [summary_of(r) for r in recs]
@@ -1105,13 +1120,19 @@ def render(args, sizes: dict, records: dict) -> None:
             mean_se([held(r) for r in recs], 4) + (f" ({sum(1 for r in recs if r.get('diverged'))} diverged)"
                                                    if any(r.get("diverged") for r in recs) else ""),
             mean_se(diffs, 4) if diffs else "–",
+            t_interval(diffs, 4) if diffs else "–",
             mean_se([cs.mean_last(r["metrics"], "loss") for r in recs], 3),
             mean_se([x.get("mean_rank") for x in d], 1),
             mean_se([x.get("mean_effective_rank") for x in d], 1),
-            mean_se([step_seconds(r["metrics"]) for r in recs], 1),
+            mean_se([step_seconds(r["metrics"]) for r in recs], 1)
+            + "".join(f" @{t} thr." for t in sorted({r.get("threads") for r in recs if r.get("threads")})),
         ])
-    w(cs.table(["method", "lr", "seeds", "held-out loss (test)", "Δ vs LoRA (paired)", "train loss (last 10)",
-                "rank of ΔW", "erank", "step time (s)"], rows) + "\n")
+    w("Δ vs LoRA is each seed's test loss minus LoRA's at the same seed (same data order), mean ± standard "
+      "error; the 95 % interval uses Student's t with n − 1 degrees of freedom (12.7 for two seeds), so a "
+      "difference *excludes 0* only when it is large against its spread between seeds. Negative: lower "
+      "loss than LoRA.\n")
+    w(cs.table(["method", "lr", "seeds", "held-out loss (test)", "Δ vs LoRA (paired)", "95 % interval of Δ",
+                "train loss (last 10)", "rank of ΔW", "erank", "step time (s)"], rows) + "\n")
     if plot_curves(records, docdir / "long-runs-loss.png"):
         w("![training loss of the final runs](long-runs-loss.png)\n")
 

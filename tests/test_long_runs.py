@@ -205,3 +205,12 @@ def test_budget_marks_runs_that_do_not_fit(tmp_path, sizes):
         assert fit == (spent + seconds <= 30 * 60)
         spent += seconds if fit else 0.0
     assert any(fits) and not all(fits)
+
+
+def test_t_interval_of_paired_differences():
+    # two seeds: mean ± 12.706 · s/√2
+    diffs = [-0.05, -0.052]
+    half = 12.706 * (0.002 / math.sqrt(2)) / math.sqrt(2)
+    assert lr.t_interval(diffs, 4) == f"[{-0.051 - half:+.4f}, {-0.051 + half:+.4f}] (excludes 0)"
+    assert lr.t_interval([0.01, 0.03], 4).endswith("(includes 0)")
+    assert lr.t_interval([0.01], 4) == "–"  # one seed: no interval
