@@ -1073,7 +1073,10 @@ def render(args, sizes: dict, records: dict) -> None:
       "in bold. A row (one scaling) whose best lr is at its edge is extended by the next value of the ladder "
       f"{', '.join(f'{x:g}' for x in LR_LADDER)} beyond that edge, up to {MAX_EXTEND} times per direction, so "
       "that the choice is bracketed; a choice still at an edge after that is flagged (the optimum may lie outside "
-      "the grid). RandLoRA sweeps its scaling alpha/r with the lr.\n")
+      "the grid). RandLoRA sweeps its scaling alpha/r with the lr. The choice is made at "
+      f"{steps_sweep} steps and used for {steps_final}: a short sweep favours fast progress, so for the long "
+      "runs it is, if anything, on the high side; every method gets the same treatment, which is what the "
+      "comparison needs.\n")
     rows = []
     for key in METHODS:
         if METHODS[key].lr_from:
