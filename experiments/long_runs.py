@@ -553,7 +553,11 @@ class Estimator:
         overheads, per_record, eval_start, inspect_s = [], [], [], []
         self.inspect_by_method: dict[str, list[float]] = {}
         pilot_keys: list[str] = []  # methods whose estimate is the pilot's step time
+        pilot_per_example: dict[str, float] = {}  # every method the pilot timed
         for key, method in METHODS.items():
+            pilot = read_json(pilot_dir / f"{method.cost}-s42.json")
+            if pilot and step_seconds(pilot["metrics"]):
+                pilot_per_example[key] = step_seconds(pilot["metrics"]) / pilot["settings"]["batch_size"]
             own = [s / r["settings"]["batch_size"] for r in records.values()
                    if r.get("method") == key and r.get("stage") in ("sweep", "final", "reg")
                    and r.get("threads") == args.threads and (s := step_seconds(r.get("metrics", [])))]
@@ -566,19 +570,14 @@ class Estimator:
                 self.per_example[key] = (entry["step_time_s"] / measured["batch_size"],
                                          f"--measure ({args.threads} thread(s), batch {measured['batch_size']})")
                 continue
-            pilot = read_json(pilot_dir / f"{method.cost}-s42.json")
-            if pilot and step_seconds(pilot["metrics"]):
-                self.per_example[key] = (step_seconds(pilot["metrics"]) / pilot["settings"]["batch_size"],
-                                         f"pilot {method.cost} (20 steps, batch {pilot['settings']['batch_size']}, "
-                                         f"{pilot_threads} thread(s))")
+            if key in pilot_per_example:
+                self.per_example[key] = (pilot_per_example[key], f"pilot {method.cost} (20 steps, "
+                                                                 f"{pilot_threads} thread(s))")
                 pilot_keys.append(key)
         # The pilot ran on a CPU shared with other jobs: its step times are rescaled by the median ratio
         # (this study / pilot) of the methods measured both ways, which keeps the pilot's relative costs.
-        ratios = []
-        for key, method in METHODS.items():
-            pilot = read_json(pilot_dir / f"{method.cost}-s42.json")
-            if key in self.per_example and key not in pilot_keys and pilot and step_seconds(pilot["metrics"]):
-                ratios.append(self.per_example[key][0] * pilot["settings"]["batch_size"] / step_seconds(pilot["metrics"]))
+        ratios = [self.per_example[key][0] / pilot_per_example[key] for key in pilot_per_example
+                  if key in self.per_example and key not in pilot_keys]
         if ratios:
             ratio = statistics.median(ratios)
             for key in pilot_keys:

@@ -185,8 +185,9 @@ def compute_spectra(
 
     def record(index: int, sigma: Tensor, method: str, inner_dim: Optional[int]) -> None:
         layer = layers[index]
+        ceiling = layer.rank_ceiling()
         bound = min(layer.out_features, layer.in_features, inner_dim or layer.out_features,
-                    layer.rank_ceiling() or layer.out_features)
+                    layer.out_features if ceiling is None else ceiling)
         orth_A, orth_B = _orthogonality(layer)
         results[index] = LayerSpectrum(
             layer.name, layer.out_features, layer.in_features, bound, sigma.cpu().double(), method, orth_A, orth_B
