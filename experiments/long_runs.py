@@ -1188,9 +1188,68 @@ def render(args, sizes: dict, records: dict) -> None:
     text = "\n".join(out)
     readings = ROOT / "experiments" / "long-readings.md"
     if readings.exists():
-        text += "\n## Reading\n\n" + readings.read_text()
+        text += "\n## Reading\n\n" + cs.fill_facts(readings.read_text(), long_facts(records, sizes))
     doc.write_text(text)
     print(f"rendered {doc}", flush=True)
+
+
+def paired(records: dict, key: str, against: str) -> list[float]:
+    """Each seed's test loss of method ``key`` minus that of ``against`` at the same seed (final stage)."""
+    by_seed = {r["seed"]: held(r) for r in records.values() if r["stage"] == "final" and r["method"] == against}
+    return [held(r) - by_seed[r["seed"]] for r in records.values()
+            if r["stage"] == "final" and r["method"] == key and r["seed"] in by_seed]
+
+
+def long_facts(records: dict, sizes: dict) -> dict[str, str]:
+    """Every measured number experiments/long-readings.md quotes (``{{key}}``), from the result files, so
+    that the readings move with the results. Per final method (``-`` read as ``_``): lr, seeds, held (mean ±
+    se), delta and ci (paired to LoRA), rank, erank, step; per reg variant reg_<name>_held / _erank / _rank10 /
+    _orth; paired contrasts keep_vs_shared and grad_vs_exact; ``order``: methods by mean test loss. A fact
+    without runs is left out and renders "–"."""
+    facts: dict[str, str] = {}
+    if "base-test" in records:
+        facts["base"] = f"{held(records['base-test']):.4f}"
+    means = {}
+    for key in METHODS:
+        recs = [r for r in records.values() if r["stage"] == "final" and r["method"] == key]
+        if not recs:
+            continue
+        short = key.replace("-", "_")
+        losses = [held(r) for r in recs]
+        means[key] = statistics.mean(losses)
+        d = [summary_of(r) for r in recs]
+        facts.update({
+            f"lr_{short}": f"{recs[0]['lr']:g}", f"seeds_{short}": str(len(recs)), f"held_{short}": mean_se(losses, 4),
+            f"rank_{short}": mean_se([x.get("mean_rank") for x in d], 1),
+            f"erank_{short}": mean_se([x.get("mean_effective_rank") for x in d], 1),
+            f"step_{short}": mean_se([step_seconds(r["metrics"]) for r in recs], 1),
+        })
+        if key != "lora" and (diffs := paired(records, key, "lora")):
+            facts[f"delta_{short}"], facts[f"ci_{short}"] = mean_se(diffs, 4), t_interval(diffs, 4)
+    for name, (key, against) in {"keep_vs_shared": ("randlora-sparse-keep", "randlora-sparse-shared"),
+                                 "grad_vs_exact": ("rmlora-grad_only", "rmlora-exact"),
+                                 "keep_vs_dense": ("randlora-sparse-keep", "randlora")}.items():
+        if diffs := paired(records, key, against):
+            facts[name], facts[f"ci_{name}"] = mean_se(diffs, 4), t_interval(diffs, 4)
+    if means:
+        facts["order"] = " < ".join(METHODS[k].label for k in sorted(means, key=means.get))
+    for name, _, _ in reg_variants(sizes["rmlora-exact"]["sets"]["adapter.r"]):
+        recs = [r for r in records.values() if r["stage"] == "reg" and r["name"].rsplit("-s", 1)[0] == f"reg-{name}"]
+        if not recs:
+            continue
+        short = "reg_" + re.sub(r"\W", "_", name)
+        d, t = [summary_of(r) for r in recs], [summary_of(r, f"tol{RANK_TOL:g}") for r in recs]
+        facts.update({f"{short}_held": mean_se([held(r) for r in recs], 4),
+                      f"{short}_erank": mean_se([x.get("mean_effective_rank") for x in d], 2),
+                      f"{short}_rank10": mean_se([x.get("mean_rank") for x in t], 1),
+                      f"{short}_orth": mean_se([x.get("mean_orth_loss") for x in d], 1)})
+    for key in ("lora", "rmlora-exact", "rmlora-grad_only"):
+        recs = [r for r in records.values() if r["stage"] == "final" and r["method"] == key]
+        if recs:
+            short = key.replace("-", "_")
+            facts[f"rank10_{short}"] = mean_se([summary_of(r, f"tol{RANK_TOL:g}").get("mean_rank") for r in recs], 1)
+            facts[f"orth_{short}"] = mean_se([summary_of(r).get("mean_orth_loss") for r in recs], 1)
+    return facts
 
 
 def plot_curves(records: dict, path: Path) -> bool:

@@ -227,6 +227,7 @@ def _format(value: Any, key: str) -> str:
 
 
 _COLUMNS = [
+    ("rank_bound", "bound"),
     ("rank", "rank"),
     ("effective_rank", "erank"),
     ("stable_rank", "srank"),
@@ -238,7 +239,7 @@ _COLUMNS = [
     ("orth_loss_B", "orthB"),
 ]
 _LEGEND = (
-    "rank: numerical rank; erank: effective rank; srank: stable rank; topR: share of ‖ΔW‖²F in the top R σ; "
+    "bound: the most rank ΔW can have; rank: numerical rank; erank: effective rank; srank: stable rank; topR: share of ‖ΔW‖²F in the top R σ; "
     "orth: ‖ΔWΔWᵀ−I‖²F; orthA: ‖AAᵀ−I‖²F; orthB: ‖BᵀB−I‖²F"
 )
 
@@ -315,12 +316,10 @@ def _layers_table(reports, top_r, columns, header):
     table = Table(title=f"ΔW per layer{f' ({prefix}…)' if prefix else ''}, R = {top_r}")
     table.add_column("layer", overflow="fold")
     table.add_column("shape", justify="right")
-    table.add_column("bound", justify="right")
     header(table)
     for name in names:
         first = next(rows[name] for rows in by_name if name in rows)
-        bounds = "/".join(dict.fromkeys(str(rows[name]["rank_bound"]) for rows in by_name if name in rows))
-        cells = [name[len(prefix):], f"{first['shape'][0]}×{first['shape'][1]}", bounds]
+        cells = [name[len(prefix):], f"{first['shape'][0]}×{first['shape'][1]}"]
         for rows in by_name:
             row = rows.get(name, {})
             cells += [_format(row.get(key), key) for key, _ in columns]

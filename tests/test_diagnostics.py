@@ -442,6 +442,17 @@ def test_command_writes_json_and_plot_and_compares(tmp_path, capsys):
     assert "r4" in out and "r8" in out and "mean per module type" in out
 
 
+def test_default_table_shows_the_rank_bound_beside_the_rank(tmp_path, capsys):
+    folder = write_adapter(tmp_path / "a", "lora", SHAPES, random_fill(18), r=4)
+    assert run_cli([folder]) in (0, None)
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if "erank" in line)
+    assert header.index("bound") < header.index("rank ") < header.index("erank")
+    rows = [line.split("│") for line in lines if line.startswith("│") and "layers" not in line]
+    body = [[cell.strip() for cell in row[1:-1]] for row in rows if row[1].strip() and row[2].strip().isdigit()]
+    assert body and all(cells[2] == cells[3] == "4" for cells in body)  # bound = rank = r for a random LoRA
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [

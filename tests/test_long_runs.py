@@ -214,3 +214,23 @@ def test_t_interval_of_paired_differences():
     assert lr.t_interval(diffs, 4) == f"[{-0.051 - half:+.4f}, {-0.051 + half:+.4f}] (excludes 0)"
     assert lr.t_interval([0.01, 0.03], 4).endswith("(includes 0)")
     assert lr.t_interval([0.01], 4) == "–"  # one seed: no interval
+
+
+def test_reading_facts_pair_each_seed_with_lora_and_leave_missing_runs_out(sizes):
+    def rec(name, stage, method, seed, loss):
+        return {"name": name, "stage": stage, "method": method, "seed": seed, "lr": 3e-3, "metrics": [],
+                "heldout_loss": {"loss": loss},
+                "inspect": {"default": {"summary": {"overall": {"mean_rank": 16.0, "mean_effective_rank": 9.0}}}}}
+    losses = {("lora", 42): 1.00, ("lora", 43): 1.02, ("randlora", 42): 1.03, ("randlora", 43): 1.06,
+              ("randlora-sparse-keep", 42): 1.04}
+    records = {f"final-{m}-s{s}": rec(f"final-{m}-s{s}", "final", m, s, loss) for (m, s), loss in losses.items()}
+    records["reg-gmlora-s42"] = rec("reg-gmlora-s42", "reg", "rmlora-exact", 42, 1.01)
+    facts = lr.long_facts(records, sizes)
+    assert facts["held_lora"] == "1.0100 ± 0.0100" and facts["seeds_randlora"] == "2"
+    assert facts["delta_randlora"] == "0.0350 ± 0.0050"  # paired: 0.03 at seed 42, 0.04 at seed 43
+    assert facts["ci_randlora"] == lr.t_interval([0.03, 0.04], 4)
+    assert facts["delta_randlora_sparse_keep"] == "0.0400" and facts["ci_randlora_sparse_keep"] == "–"
+    assert facts["order"].startswith("LoRA < ") and facts["reg_gmlora_held"] == "1.0100"
+    assert "keep_vs_shared" not in facts  # no shared-A run: the reading shows "–"
+    text = lr.cs.fill_facts("Δ {{delta_randlora}}, {{keep_vs_shared}}", facts)
+    assert text == "Δ 0.0350 ± 0.0050, –"

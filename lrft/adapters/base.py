@@ -20,7 +20,7 @@ import contextlib
 import contextvars
 import hashlib
 import math
-from typing import Any, Callable, ClassVar, Literal, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
