@@ -1105,15 +1105,13 @@ def render(args, sizes: dict, records: dict) -> None:
     base = records.get("base-test")
     if base:
         w(f"The untrained 4-bit base model has a test-split loss of {held(base):.4f}.\n")
-    lora_by_seed = {r["seed"]: held(r) for r in records.values() if r["stage"] == "final" and r["method"] == "lora"}
     rows = []
     for key in METHODS:
-        recs = sorted((r for r in records.values() if r["stage"] == "final" and r["method"] == key),
-                      key=lambda r: r["seed"])
+        recs = final_records(records, key)
         if not recs:
             rows.append([METHODS[key].label] + ["–"] * 9)
             continue
-        diffs = [held(r) - lora_by_seed[r["seed"]] for r in recs if r["seed"] in lora_by_seed] if key != "lora" else []
+        diffs = paired(records, key, "lora") if key != "lora" else []
         d = [summary_of(r) for r in recs]
         rows.append([
             METHODS[key].label,
@@ -1153,12 +1151,11 @@ def render(args, sizes: dict, records: dict) -> None:
     rows = []
     for stage, key in t5:
         if stage == "final":
-            recs = [r for r in records.values() if r["stage"] == "final" and r["method"] == key]
+            recs = final_records(records, key)
             label = METHODS[key].label + ("" if key == "lora" else f" (squared orth_reg {ORTH_REG:g})")
         else:
-            recs = [r for r in records.values() if r["stage"] == "reg" and r["name"].rsplit("-s", 1)[0] == key]
+            recs = reg_records(records, key)
             label = reg_labels[key]
-        recs.sort(key=lambda r: r["seed"])
         d, t = [summary_of(r) for r in recs], [summary_of(r, f"tol{RANK_TOL:g}") for r in recs]
         reg_term = [cs.mean_last(r["metrics"], "extra_loss") if any("extra_loss" in m for m in r["metrics"]) else None
                     for r in recs]
@@ -1188,16 +1185,27 @@ def render(args, sizes: dict, records: dict) -> None:
     text = "\n".join(out)
     readings = ROOT / "experiments" / "long-readings.md"
     if readings.exists():
-        text += "\n## Reading\n\n" + cs.fill_facts(readings.read_text(), long_facts(records, sizes))
+        reading = re.sub(r"<!--.*?-->\s*", "", readings.read_text(), flags=re.S)  # the note to its editors
+        text += "\n## Reading\n\n" + cs.fill_facts(reading, long_facts(records, sizes))
     doc.write_text(text)
     print(f"rendered {doc}", flush=True)
 
 
+def final_records(records: dict, key: str) -> list[dict]:
+    """The final runs of one method, by seed."""
+    return sorted((r for r in records.values() if r["stage"] == "final" and r["method"] == key), key=lambda r: r["seed"])
+
+
+def reg_records(records: dict, name: str) -> list[dict]:
+    """The reg runs of one variant (``reg-gmlora``), by seed."""
+    return sorted((r for r in records.values() if r["stage"] == "reg" and r["name"].rsplit("-s", 1)[0] == name),
+                  key=lambda r: r["seed"])
+
+
 def paired(records: dict, key: str, against: str) -> list[float]:
     """Each seed's test loss of method ``key`` minus that of ``against`` at the same seed (final stage)."""
-    by_seed = {r["seed"]: held(r) for r in records.values() if r["stage"] == "final" and r["method"] == against}
-    return [held(r) - by_seed[r["seed"]] for r in records.values()
-            if r["stage"] == "final" and r["method"] == key and r["seed"] in by_seed]
+    by_seed = {r["seed"]: held(r) for r in final_records(records, against)}
+    return [held(r) - by_seed[r["seed"]] for r in final_records(records, key) if r["seed"] in by_seed]
 
 
 def long_facts(records: dict, sizes: dict) -> dict[str, str]:
@@ -1207,11 +1215,15 @@ def long_facts(records: dict, sizes: dict) -> dict[str, str]:
     _orth; paired contrasts keep_vs_shared and grad_vs_exact; ``order``: methods by mean test loss. A fact
     without runs is left out and renders "–"."""
     facts: dict[str, str] = {}
+    facts["train_records"] = f"{sum(1 for line in (ROOT / TRAIN).read_text().splitlines() if line.strip()):,}"
+    if final := [r for r in records.values() if r["stage"] == "final"]:
+        settings = final[0]["settings"]
+        facts["steps"], facts["examples"] = str(settings["steps"]), str(settings["steps"] * settings["batch_size"])
     if "base-test" in records:
         facts["base"] = f"{held(records['base-test']):.4f}"
     means = {}
     for key in METHODS:
-        recs = [r for r in records.values() if r["stage"] == "final" and r["method"] == key]
+        recs = final_records(records, key)
         if not recs:
             continue
         short = key.replace("-", "_")
@@ -1234,7 +1246,7 @@ def long_facts(records: dict, sizes: dict) -> dict[str, str]:
     if means:
         facts["order"] = " < ".join(METHODS[k].label for k in sorted(means, key=means.get))
     for name, _, _ in reg_variants(sizes["rmlora-exact"]["sets"]["adapter.r"]):
-        recs = [r for r in records.values() if r["stage"] == "reg" and r["name"].rsplit("-s", 1)[0] == f"reg-{name}"]
+        recs = reg_records(records, f"reg-{name}")
         if not recs:
             continue
         short = "reg_" + re.sub(r"\W", "_", name)
@@ -1244,8 +1256,7 @@ def long_facts(records: dict, sizes: dict) -> dict[str, str]:
                       f"{short}_rank10": mean_se([x.get("mean_rank") for x in t], 1),
                       f"{short}_orth": mean_se([x.get("mean_orth_loss") for x in d], 1)})
     for key in ("lora", "rmlora-exact", "rmlora-grad_only"):
-        recs = [r for r in records.values() if r["stage"] == "final" and r["method"] == key]
-        if recs:
+        if recs := final_records(records, key):
             short = key.replace("-", "_")
             facts[f"rank10_{short}"] = mean_se([summary_of(r, f"tol{RANK_TOL:g}").get("mean_rank") for r in recs], 1)
             facts[f"orth_{short}"] = mean_se([summary_of(r).get("mean_orth_loss") for r in recs], 1)
