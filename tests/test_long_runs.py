@@ -219,6 +219,7 @@ def test_t_interval_of_paired_differences():
 def test_reading_facts_pair_each_seed_with_lora_and_leave_missing_runs_out(sizes):
     def rec(name, stage, method, seed, loss):
         return {"name": name, "stage": stage, "method": method, "seed": seed, "lr": 3e-3, "metrics": [],
+                "settings": {"steps": 200, "batch_size": 4},
                 "heldout_loss": {"loss": loss},
                 "inspect": {"default": {"summary": {"overall": {"mean_rank": 16.0, "mean_effective_rank": 9.0}}}}}
     losses = {("lora", 42): 1.00, ("lora", 43): 1.02, ("randlora", 42): 1.03, ("randlora", 43): 1.06,
@@ -231,6 +232,7 @@ def test_reading_facts_pair_each_seed_with_lora_and_leave_missing_runs_out(sizes
     assert facts["ci_randlora"] == lr.t_interval([0.03, 0.04], 4)
     assert facts["delta_randlora_sparse_keep"] == "0.0400" and facts["ci_randlora_sparse_keep"] == "–"
     assert facts["order"].startswith("LoRA < ") and facts["reg_gmlora_held"] == "1.0100"
+    assert facts["examples"] == "800"
     assert "keep_vs_shared" not in facts  # no shared-A run: the reading shows "–"
     text = lr.cs.fill_facts("Δ {{delta_randlora}}, {{keep_vs_shared}}", facts)
     assert text == "Δ 0.0350 ± 0.0050, –"
