@@ -1109,7 +1109,7 @@ def render(args, sizes: dict, records: dict) -> None:
     for key in METHODS:
         recs = final_records(records, key)
         if not recs:
-            rows.append([METHODS[key].label] + ["–"] * 9)
+            rows.append([METHODS[key].label] + ["–"] * 10)
             continue
         diffs = paired(records, key, "lora") if key != "lora" else []
         d = [summary_of(r) for r in recs]
@@ -1124,15 +1124,18 @@ def render(args, sizes: dict, records: dict) -> None:
             mean_se([cs.mean_last(r["metrics"], "loss") for r in recs], 3),
             mean_se([x.get("mean_rank") for x in d], 1),
             mean_se([x.get("mean_effective_rank") for x in d], 1),
-            mean_se([step_seconds(r["metrics"]) for r in recs], 1)
-            + "".join(f" @{t} thr." for t in sorted({r.get("threads") for r in recs if r.get("threads")})),
+            step_time_cell(recs),
+            mean_se(step_ratios(records, key), 2) if key != "lora" else "1",
         ])
     w("Δ vs LoRA is each seed's test loss minus LoRA's at the same seed (same data order), mean ± standard "
       "error; the 95 % interval uses Student's t with n − 1 degrees of freedom (12.7 for two seeds), so a "
       "difference *excludes 0* only when it is large against its spread between seeds. Negative: lower "
       "loss than LoRA.\n")
     w(cs.table(["method", "lr", "seeds", "held-out loss (test)", "Δ vs LoRA (paired)", "95 % interval of Δ",
-                "train loss (last 10)", "rank of ΔW", "erank", "step time (s)"], rows) + "\n")
+                "train loss (last 10)", "rank of ΔW", "erank", "step time (s)", "step time / LoRA's"], rows) + "\n")
+    w("Step times are medians per run, grouped by the CPU they ran on (the runs moved between machines with and "
+      "without AVX-512); `step time / LoRA's` pairs each run with LoRA's at the same seed on the same CPU and "
+      "thread count, the only comparison of speed these runs support.\n")
     if plot_curves(records, docdir / "long-runs-loss.png"):
         w("![training loss of the final runs](long-runs-loss.png)\n")
 
@@ -1202,6 +1205,32 @@ def reg_records(records: dict, name: str) -> list[dict]:
                   key=lambda r: r["seed"])
 
 
+def cpu_label(record: dict) -> str:
+    machine = record.get("machine") or ""
+    return "AVX-512" if "avx512f" in machine else "AVX2" if "avx2" in machine else "CPU not recorded"
+
+
+def step_time_cell(recs: list[dict]) -> str:
+    """Median step time per run, as mean ± se within each (CPU, threads) group: speeds compare only there."""
+    groups: dict[tuple, list] = {}
+    for r in recs:
+        groups.setdefault((cpu_label(r), r.get("threads")), []).append(step_seconds(r["metrics"]))
+    return "; ".join(f"{mean_se(times, 1)} ({cpu} @{threads} thr.)" for (cpu, threads), times in groups.items())
+
+
+def step_ratios(records: dict, key: str) -> list[float]:
+    """Each run's step time over LoRA's at the same seed, where both ran on the same CPU and thread count."""
+    lora = {r["seed"]: r for r in final_records(records, "lora")}
+    ratios = []
+    for r in final_records(records, key):
+        ref = lora.get(r["seed"])
+        if ref is None or (cpu_label(r), r.get("threads")) != (cpu_label(ref), ref.get("threads")):
+            continue
+        if (own := step_seconds(r["metrics"])) and (theirs := step_seconds(ref["metrics"])):
+            ratios.append(own / theirs)
+    return ratios
+
+
 def paired(records: dict, key: str, against: str) -> list[float]:
     """Each seed's test loss of method ``key`` minus that of ``against`` at the same seed (final stage)."""
     by_seed = {r["seed"]: held(r) for r in final_records(records, against)}
@@ -1234,8 +1263,9 @@ def long_facts(records: dict, sizes: dict) -> dict[str, str]:
             f"lr_{short}": f"{recs[0]['lr']:g}", f"seeds_{short}": str(len(recs)), f"held_{short}": mean_se(losses, 4),
             f"rank_{short}": mean_se([x.get("mean_rank") for x in d], 1),
             f"erank_{short}": mean_se([x.get("mean_effective_rank") for x in d], 1),
-            f"step_{short}": mean_se([step_seconds(r["metrics"]) for r in recs], 1),
         })
+        if key != "lora" and (ratios := step_ratios(records, key)):
+            facts[f"speed_{short}"] = mean_se(ratios, 2)
         if key != "lora" and (diffs := paired(records, key, "lora")):
             facts[f"delta_{short}"], facts[f"ci_{short}"] = mean_se(diffs, 4), t_interval(diffs, 4)
     for name, (key, against) in {"keep_vs_shared": ("randlora-sparse-keep", "randlora-sparse-shared"),

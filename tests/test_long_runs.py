@@ -236,3 +236,16 @@ def test_reading_facts_pair_each_seed_with_lora_and_leave_missing_runs_out(sizes
     assert "keep_vs_shared" not in facts  # no shared-A run: the reading shows "–"
     text = lr.cs.fill_facts("Δ {{delta_randlora}}, {{keep_vs_shared}}", facts)
     assert text == "Δ 0.0350 ± 0.0050, –"
+
+
+def test_step_times_compare_only_on_the_same_cpu():
+    def rec(method, seed, seconds, machine):
+        return {"name": f"final-{method}-s{seed}", "stage": "final", "method": method, "seed": seed, "threads": 2,
+                "machine": machine, "metrics": [{"step": i, "step_time_s": seconds} for i in range(6)]}
+    fast, slow = "EPYC (avx2, fma, avx512f)", "EPYC (avx2, fma)"
+    records = {r["name"]: r for r in [rec("lora", 42, 2.0, fast), rec("randlora", 42, 3.0, fast),
+                                       rec("lora", 43, 4.0, slow), rec("randlora", 43, 6.4, slow),
+                                       rec("lora2", 42, 5.0, slow)]}
+    assert lr.step_ratios(records, "randlora") == pytest.approx([1.5, 1.6])
+    assert lr.step_ratios(records, "lora2") == []  # LoRA's seed-42 run was on the other CPU
+    assert lr.step_time_cell(lr.final_records(records, "randlora")) == "3.0 (AVX-512 @2 thr.); 6.4 (AVX2 @2 thr.)"
