@@ -1240,7 +1240,8 @@ def paired(records: dict, key: str, against: str) -> list[float]:
 def long_facts(records: dict, sizes: dict) -> dict[str, str]:
     """Every measured number experiments/long-readings.md quotes (``{{key}}``), from the result files, so
     that the readings move with the results. Per final method (``-`` read as ``_``): lr, seeds, held (mean ±
-    se), delta and ci (paired to LoRA), rank, erank, step; per reg variant reg_<name>_held / _erank / _rank10 /
+    se), delta and ci (paired to LoRA), rank, rank10 (rank@0.1), erank, orth, speed (step time over LoRA's on
+    the same CPU); per reg variant reg_<name>_held / _erank / _rank10 /
     _orth; paired contrasts keep_vs_shared and grad_vs_exact; ``order``: methods by mean test loss. A fact
     without runs is left out and renders "–"."""
     facts: dict[str, str] = {}
@@ -1263,6 +1264,8 @@ def long_facts(records: dict, sizes: dict) -> dict[str, str]:
             f"lr_{short}": f"{recs[0]['lr']:g}", f"seeds_{short}": str(len(recs)), f"held_{short}": mean_se(losses, 4),
             f"rank_{short}": mean_se([x.get("mean_rank") for x in d], 1),
             f"erank_{short}": mean_se([x.get("mean_effective_rank") for x in d], 1),
+            f"rank10_{short}": mean_se([summary_of(r, f"tol{RANK_TOL:g}").get("mean_rank") for r in recs], 1),
+            f"orth_{short}": mean_se([x.get("mean_orth_loss") for x in d], 1),
         })
         if key != "lora" and (ratios := step_ratios(records, key)):
             facts[f"speed_{short}"] = mean_se(ratios, 2)
@@ -1285,11 +1288,6 @@ def long_facts(records: dict, sizes: dict) -> dict[str, str]:
                       f"{short}_erank": mean_se([x.get("mean_effective_rank") for x in d], 2),
                       f"{short}_rank10": mean_se([x.get("mean_rank") for x in t], 1),
                       f"{short}_orth": mean_se([x.get("mean_orth_loss") for x in d], 1)})
-    for key in ("lora", "rmlora-exact", "rmlora-grad_only"):
-        if recs := final_records(records, key):
-            short = key.replace("-", "_")
-            facts[f"rank10_{short}"] = mean_se([summary_of(r, f"tol{RANK_TOL:g}").get("mean_rank") for r in recs], 1)
-            facts[f"orth_{short}"] = mean_se([summary_of(r).get("mean_orth_loss") for r in recs], 1)
     return facts
 
 

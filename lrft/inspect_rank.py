@@ -239,8 +239,8 @@ _COLUMNS = [
     ("orth_loss_B", "orthB"),
 ]
 _LEGEND = (
-    "bound: the most rank ΔW can have; rank: numerical rank; erank: effective rank; srank: stable rank; topR: share of ‖ΔW‖²F in the top R σ; "
-    "orth: ‖ΔWΔWᵀ−I‖²F; orthA: ‖AAᵀ−I‖²F; orthB: ‖BᵀB−I‖²F"
+    "bound: the most rank ΔW can have; rank: numerical rank; erank: effective rank; srank: stable rank; "
+    "topR: share of ‖ΔW‖²F in the top R σ; orth: ‖ΔWΔWᵀ−I‖²F; orthA: ‖AAᵀ−I‖²F; orthB: ‖BᵀB−I‖²F"
 )
 
 
