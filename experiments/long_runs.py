@@ -669,12 +669,14 @@ class Runner:
                                           preexec_fn=_die_with_parent)
             if on_start:
                 on_start(self.child)
+            self.load_samples = []
             try:
                 while True:
                     try:
                         rc = self.child.wait(timeout=2.0)
                         break
                     except subprocess.TimeoutExpired:
+                        self.load_samples.append(os.getloadavg()[0])
                         if self.left() <= 0 and not self.stop_requested:
                             print("[budget] deadline reached: the run in flight checkpoints and stops", flush=True)
                             self.stop_requested = True
@@ -718,6 +720,8 @@ class Runner:
             rc, wall = self.sh(cmd, log, on_start=lambda proc: write_json(
                 study_file, {"settings": settings, "attempts": attempts, "pid": proc.pid}))
             attempt.update(exit=rc, wall_s=round(wall, 1))
+            if self.load_samples:  # did this run have the CPU to itself? (speeds compare only if so)
+                attempt["cpu_load"] = round(sum(self.load_samples) / len(self.load_samples), 2)
             write_json(study_file, {"settings": settings, "attempts": attempts})
             if rc == 130 or (rc != 0 and self.stop_requested):
                 print(f"[stopped] {spec.name}: checkpoint at step {run_state(spec, args)['step']}; "
@@ -1031,8 +1035,10 @@ def render(args, sizes: dict, records: dict) -> None:
                     + "; torch threads per run: "
                     + (", ".join(f"{t} ({n} runs)" for t, n in sorted(Counter(r["threads"] for r in trained if r.get("threads")).items()))
                        or str(args.threads))
-                    + "; runs at 1 thread ran two at a time (two invocations on disjoint methods), so step times "
-                      "compare only within one thread count"],
+                    + "; runs at 1 thread ran two at a time (two invocations on disjoint runs); a run counts as "
+                      "*CPU shared* when the machine's 1-minute load average, sampled through its training, "
+                      "exceeded its thread count + 0.5, and step times compare only within one CPU type, thread "
+                      "count and sharing"],
         ["training", f"`{TRAIN}`, cutoff 256, AdamW, linear decay after 10 % warm-up, batch {batch} "
                      f"(micro-batch {MICRO_BATCH}); sweep runs {steps_sweep} steps, final and reg runs {steps_final} "
                      f"steps ({steps_final * batch} examples)"],
@@ -1134,8 +1140,9 @@ def render(args, sizes: dict, records: dict) -> None:
     w(cs.table(["method", "lr", "seeds", "held-out loss (test)", "Δ vs LoRA (paired)", "95 % interval of Δ",
                 "train loss (last 10)", "rank of ΔW", "erank", "step time (s)", "step time / LoRA's"], rows) + "\n")
     w("Step times are medians per run, grouped by the CPU they ran on (the runs moved between machines with and "
-      "without AVX-512); `step time / LoRA's` pairs each run with LoRA's at the same seed on the same CPU and "
-      "thread count, the only comparison of speed these runs support.\n")
+      "without AVX-512, and some trained two at a time: *CPU shared*); `step time / LoRA's` pairs each run with "
+      "LoRA's at the same seed on the same CPU, thread count and sharing, the only comparison of speed these "
+      "runs support.\n")
     if plot_curves(records, docdir / "long-runs-loss.png"):
         w("![training loss of the final runs](long-runs-loss.png)\n")
 
@@ -1210,21 +1217,37 @@ def cpu_label(record: dict) -> str:
     return "AVX-512" if "avx512f" in machine else "AVX2" if "avx2" in machine else "CPU not recorded"
 
 
+def shared_cpu(record: dict) -> bool:
+    """Whether the run trained beside other work: the machine's 1-minute load average, sampled every 2 s and
+    averaged over its attempts (weighted by their wall time), above its thread count + 0.5. Before the load
+    was recorded, the runs at 1 thread ran two at a time and those at 2 threads one at a time."""
+    timed = [(a["cpu_load"], a.get("wall_s") or 0) for a in record.get("attempts", []) if "cpu_load" in a]
+    if not timed or not (wall := sum(w for _, w in timed)):
+        return record.get("threads") == 1
+    return sum(load * w for load, w in timed) / wall > (record.get("threads") or 1) + 0.5
+
+
+def speed_group(record: dict) -> tuple:
+    """Step times compare only within one group: same CPU type, thread count and whether the CPU was shared."""
+    return cpu_label(record), record.get("threads"), shared_cpu(record)
+
+
 def step_time_cell(recs: list[dict]) -> str:
-    """Median step time per run, as mean ± se within each (CPU, threads) group: speeds compare only there."""
+    """Median step time per run, as mean ± se within each speed group."""
     groups: dict[tuple, list] = {}
     for r in recs:
-        groups.setdefault((cpu_label(r), r.get("threads")), []).append(step_seconds(r["metrics"]))
-    return "; ".join(f"{mean_se(times, 1)} ({cpu} @{threads} thr.)" for (cpu, threads), times in groups.items())
+        groups.setdefault(speed_group(r), []).append(step_seconds(r["metrics"]))
+    return "; ".join(f"{mean_se(times, 1)} ({cpu} @{threads} thr.{', CPU shared' if shared else ''})"
+                     for (cpu, threads, shared), times in groups.items())
 
 
 def step_ratios(records: dict, key: str) -> list[float]:
-    """Each run's step time over LoRA's at the same seed, where both ran on the same CPU and thread count."""
+    """Each run's step time over LoRA's at the same seed, where both are in the same speed group."""
     lora = {r["seed"]: r for r in final_records(records, "lora")}
     ratios = []
     for r in final_records(records, key):
         ref = lora.get(r["seed"])
-        if ref is None or (cpu_label(r), r.get("threads")) != (cpu_label(ref), ref.get("threads")):
+        if ref is None or speed_group(r) != speed_group(ref):
             continue
         if (own := step_seconds(r["metrics"])) and (theirs := step_seconds(ref["metrics"])):
             ratios.append(own / theirs)

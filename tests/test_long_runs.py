@@ -249,3 +249,22 @@ def test_step_times_compare_only_on_the_same_cpu():
     assert lr.step_ratios(records, "randlora") == pytest.approx([1.5, 1.6])
     assert lr.step_ratios(records, "lora2") == []  # LoRA's seed-42 run was on the other CPU
     assert lr.step_time_cell(lr.final_records(records, "randlora")) == "3.0 (AVX-512 @2 thr.); 6.4 (AVX2 @2 thr.)"
+
+
+def test_runs_that_shared_the_cpu_compare_speed_only_with_each_other():
+    def rec(method, seed, seconds, threads, loads):
+        return {"name": f"final-{method}-s{seed}", "stage": "final", "method": method, "seed": seed,
+                "threads": threads, "machine": "EPYC (avx2, fma)",
+                "attempts": [{"wall_s": wall, "cpu_load": load} for wall, load in loads],
+                "metrics": [{"step": i, "step_time_s": seconds} for i in range(6)]}
+    alone = rec("lora", 43, 5.0, 2, [(1000.0, 2.1)])
+    # resumed once: 100 s alone, then 900 s beside another run; the wall-weighted load is 1.9 > 1 + 0.5
+    beside = rec("rmlora-grad_only", 43, 7.0, 1, [(100.0, 1.0), (900.0, 2.0)])
+    assert not lr.shared_cpu(alone) and lr.shared_cpu(beside)
+    assert not lr.shared_cpu(rec("lora", 42, 5.0, 1, [(600.0, 1.2)]))
+    # no load recorded: the runs at 1 thread were the ones run two at a time
+    assert lr.shared_cpu({"threads": 1}) and not lr.shared_cpu({"threads": 2, "attempts": [{"wall_s": 5.0}]})
+    records = {r["name"]: r for r in (alone, beside)}
+    assert lr.step_ratios(records, "rmlora-grad_only") == []
+    assert lr.step_time_cell([beside]) == "7.0 (AVX2 @1 thr., CPU shared)"
+    assert lr.step_time_cell([alone]) == "5.0 (AVX2 @2 thr.)"
