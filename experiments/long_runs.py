@@ -563,7 +563,7 @@ class Estimator:
             timed = [r for r in records.values()
                      if r.get("method") == key and r.get("stage") in ("sweep", "final", "reg")
                      and r.get("threads") == args.threads and step_seconds(r.get("metrics", []))]
-            # AVX-512 machines ran these steps about twice as fast as AVX2 ones: this CPU's runs first
+            # step times differ by CPU type (docs/long-runs.md groups them so): this CPU's runs first
             here = [r for r in timed if cpu_label(r) == this_cpu]
             if own := [step_seconds(r["metrics"]) / r["settings"]["batch_size"] for r in (here or timed)]:
                 self.per_example[key] = (statistics.median(own), f"this study's runs ({len(own)}, "
