@@ -1007,8 +1007,10 @@ def render(args, sizes: dict, records: dict) -> None:
                     for x in records.values() if x["stage"] == stage or (stage == "final" and x["stage"] == "base"))
         rows.append([stage, str(len(stage_rows)), f"{spent / 3600:.1f}", f"{sum(r[3] for r in stage_rows) / 3600:.1f}"])
     threads = sorted({r.get("threads") for r in records.values() if r.get("threads")}) or [args.threads]
-    w(f"**CPU budget.** Wall hours of the runs ({'/'.join(map(str, threads))} torch thread(s) each, one run at a "
-      "time; CPU-hours are the wall hours times the threads): "
+    at_once = ("one or two runs at a time (*CPU shared*, see Setting)"
+               if any(shared_cpu(r) for r in records.values() if r["stage"] != "base") else "one run at a time")
+    w(f"**CPU budget.** Wall hours of the runs ({'/'.join(map(str, threads))} torch thread(s) each, {at_once}; "
+      "CPU-hours are the wall hours times the threads): "
       "spent so far, from the result files, and still to go, estimated as `--plan` does from measured step times "
       "(per method, with where it was measured: "
       + "; ".join(f"{METHODS[k].label} {v * args.batch_size:.1f} s/step from {src}" for k, (v, src) in
