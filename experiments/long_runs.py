@@ -1123,7 +1123,7 @@ def render(args, sizes: dict, records: dict) -> None:
         if not recs:
             rows.append([METHODS[key].label] + ["–"] * 10)
             continue
-        diffs = paired(records, key, "lora") if key != "lora" else []
+        diffs = paired(recs, final_records(records, "lora")) if key != "lora" else []
         d = [summary_of(r) for r in recs]
         rows.append([
             METHODS[key].label,
@@ -1260,18 +1260,18 @@ def step_ratios(records: dict, key: str) -> list[float]:
     return ratios
 
 
-def paired(records: dict, key: str, against: str) -> list[float]:
-    """Each seed's test loss of method ``key`` minus that of ``against`` at the same seed (final stage)."""
-    by_seed = {r["seed"]: held(r) for r in final_records(records, against)}
-    return [held(r) - by_seed[r["seed"]] for r in final_records(records, key) if r["seed"] in by_seed]
+def paired(recs: list[dict], against: list[dict]) -> list[float]:
+    """Each run's test loss minus that of the ``against`` run at the same seed (same data order)."""
+    by_seed = {r["seed"]: held(r) for r in against}
+    return [held(r) - by_seed[r["seed"]] for r in recs if r["seed"] in by_seed]
 
 
 def long_facts(records: dict, sizes: dict) -> dict[str, str]:
     """Every measured number experiments/long-readings.md quotes (``{{key}}``), from the result files, so
     that the readings move with the results. Per final method (``-`` read as ``_``): lr, seeds, held (mean ±
     se), delta and ci (paired to LoRA), rank, rank10 (rank@0.1), erank, orth, speed (step time over LoRA's on
-    the same CPU); per reg variant reg_<name>_held / _erank / _rank10 /
-    _orth; paired contrasts keep_vs_shared and grad_vs_exact; ``order``: methods by mean test loss. A fact
+    the same CPU); per reg variant reg_<name>_held / _erank / _rank10 / _orth / _vs_lora (test loss minus
+    LoRA's final run at the same seed); paired contrasts keep_vs_shared and grad_vs_exact; ``order``: methods by mean test loss. A fact
     without runs is left out and renders "–"."""
     facts: dict[str, str] = {}
     facts["train_records"] = f"{sum(1 for line in (ROOT / TRAIN).read_text().splitlines() if line.strip()):,}"
@@ -1298,12 +1298,12 @@ def long_facts(records: dict, sizes: dict) -> dict[str, str]:
         })
         if key != "lora" and (ratios := step_ratios(records, key)):
             facts[f"speed_{short}"] = mean_se(ratios, 2)
-        if key != "lora" and (diffs := paired(records, key, "lora")):
+        if key != "lora" and (diffs := paired(recs, final_records(records, "lora"))):
             facts[f"delta_{short}"], facts[f"ci_{short}"] = mean_se(diffs, 4), t_interval(diffs, 4)
     for name, (key, against) in {"keep_vs_shared": ("randlora-sparse-keep", "randlora-sparse-shared"),
                                  "grad_vs_exact": ("rmlora-grad_only", "rmlora-exact"),
                                  "keep_vs_dense": ("randlora-sparse-keep", "randlora")}.items():
-        if diffs := paired(records, key, against):
+        if diffs := paired(final_records(records, key), final_records(records, against)):
             facts[name], facts[f"ci_{name}"] = mean_se(diffs, 4), t_interval(diffs, 4)
     if means:
         facts["order"] = " < ".join(METHODS[k].label for k in sorted(means, key=means.get))
@@ -1317,6 +1317,8 @@ def long_facts(records: dict, sizes: dict) -> dict[str, str]:
                       f"{short}_erank": mean_se([x.get("mean_effective_rank") for x in d], 2),
                       f"{short}_rank10": mean_se([x.get("mean_rank") for x in t], 1),
                       f"{short}_orth": mean_se([x.get("mean_orth_loss") for x in d], 1)})
+        if diffs := paired(recs, final_records(records, "lora")):
+            facts[f"{short}_vs_lora"] = mean_se(diffs, 4)
     return facts
 
 

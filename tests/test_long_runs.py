@@ -232,6 +232,7 @@ def test_reading_facts_pair_each_seed_with_lora_and_leave_missing_runs_out(sizes
     assert facts["ci_randlora"] == lr.t_interval([0.03, 0.04], 4)
     assert facts["delta_randlora_sparse_keep"] == "0.0400" and facts["ci_randlora_sparse_keep"] == "–"
     assert facts["order"].startswith("LoRA < ") and facts["reg_gmlora_held"] == "1.0100"
+    assert facts["reg_gmlora_vs_lora"] == "0.0100"  # paired with LoRA's seed-42 final run (1.00)
     assert facts["examples"] == "800"
     assert "keep_vs_shared" not in facts  # no shared-A run: the reading shows "–"
     text = lr.cs.fill_facts("Δ {{delta_randlora}}, {{keep_vs_shared}}", facts)
