@@ -491,8 +491,10 @@ class DataOrder:
 
 
 def collate(examples: list[dict], pad_id: int, attention: str = "sdpa", mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; padding is ignored in the loss. Unpacked examples get a 2D attention mask.
-    Packed rows (with ``position_ids``) are laid out for the attention that will read them: concatenated
+    """Right-pad a micro-batch; padding is ignored in the loss. Unpacked rows need no attention mask: under
+    causal attention a real token never sees the padding after it, and padding carries no label, so the
+    loss and its gradients are those of each example alone, and attention runs its unmasked (fused, on
+    the CPU too) kernel without repeating the grouped keys and values. Packed rows (with ``position_ids``) are laid out for the attention that will read them: concatenated
     into one row without any padding for attention that finds the examples from the position ids
     (``flash_attention_2``, :data:`lrft.packed_attention.NAME`); otherwise padded rows with a 4D
     block-diagonal causal mask, bool for SDPA, additive in ``mask_dtype`` for eager attention, where the
@@ -511,7 +513,6 @@ def collate(examples: list[dict], pad_id: int, attention: str = "sdpa", mask_dty
         labels[i, :n] = torch.tensor(e["labels"])
     batch = {"input_ids": ids, "labels": labels}
     if "position_ids" not in examples[0]:
-        batch["attention_mask"] = (torch.arange(width) < torch.tensor([len(e["input_ids"]) for e in examples]).unsqueeze(1)).long()
         return batch
     positions = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):

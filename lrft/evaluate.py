@@ -35,6 +35,7 @@ import torch
 from .data import IGNORE_INDEX, RecordError, collate, eval_prompt, micro_batches, read_records, target_tokens, tokenize_record
 from .errors import UserError
 from .io import write_json_atomic, write_text_atomic
+from .loss import summed_token_loss
 
 # The paper's task order (the order of its tables) and each task's answer labels.
 TASK_LABELS: dict[str, tuple[str, ...]] = {
@@ -470,21 +471,6 @@ class _progress:
 
 
 # --- token loss: training, validation and `lrft eval --loss` ---------------------------------------
-
-
-def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The cross-entropy summed over a batch's target tokens (each position predicts the next token's
-    label; -100 labels and padding count for nothing), in float32 (or the logits' dtype when wider). Divide by the target-token count of
-    whatever the mean is over (a micro-batch, a global batch, a validation split)."""
-    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
-    logits = model(**inputs, use_cache=False).logits
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # 16-bit logits upcast for the loss
-    # the labels move left, not the logits: a slice of the logits would cost a copy forward and a zero-filled
-    # vocabulary-wide gradient backward; the last position gets no label
-    labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
 
 
 @torch.no_grad()

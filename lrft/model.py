@@ -261,9 +261,21 @@ def load_base_model(
         raise _hub_error(model.name_or_path, exc) from exc
     for p in lm.parameters():
         p.requires_grad_(False)
+    if device.type == "cpu":
+        unmap_checkpoint(lm)
     use_training_kernels(lm)
     lm.eval()
     return lm
+
+
+def unmap_checkpoint(model: nn.Module) -> None:
+    """Give the weights a CPU load left unquantized their own memory. Loaded in the checkpoint's own dtype
+    they are views of the memory-mapped safetensors files, and every page of the files the load read (all
+    of them: the rest was read to be quantized) stays in the process's resident set for as long as one
+    view does; the copies hold only what the model uses."""
+    for p in model.parameters():  # tied weights once
+        if type(p).__name__ not in ("Params4bit", "Int8Params"):
+            p.data = p.data.clone()
 
 
 def use_training_kernels(model: nn.Module) -> None:

@@ -34,9 +34,10 @@ from .checkpoint import check_resume, checkpoints, planned_steps, read_checkpoin
 from .data import DataOrder, TokenizedData, collate, load_training_data, micro_batches, padded_tokens, target_tokens
 from .distributed import agree, clip_grad_norm, fsdp_own_units, fsdp_requested_without_fsdp, is_fsdp, make_accelerator, whole_adapter
 from .errors import TrainingDiverged, UserError
-from .evaluate import mean_token_loss, summed_token_loss
+from .evaluate import mean_token_loss
 from .inject import count_trainable, inject_adapters, load_adapter_state_dict, trainable_parameters
 from .io import atomic_dir, write_json_atomic, write_text_atomic
+from .loss import summed_token_loss, use_loss_head
 from .model import Dtypes, check_bitsandbytes, load_base_model, load_tokenizer
 from .packed_attention import use_for_packing
 from .recipe import Recipe, dump_recipe
@@ -213,6 +214,7 @@ def setup_model(recipe: Recipe, accelerator, dtypes: Dtypes, total_steps: int, s
         model.config.use_cache = False
     if recipe.data.packing:
         use_for_packing(model, dtypes.compute)
+    use_loss_head(model)
     if state is not None:  # before FSDP shards the adapter's tensors
         load_adapter_state_dict(layers, state["adapter"], source=str(state["path"] / "adapter" / "adapter.safetensors"))
     model.train()

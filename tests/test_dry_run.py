@@ -140,7 +140,7 @@ def test_saved_activations_match_autograd(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from lrft.data import DataOrder, collate, micro_batches
-    from lrft.evaluate import summed_token_loss
+    from lrft.loss import summed_token_loss
     from lrft.inject import inject_adapters
     from lrft.plan import make_plan
 

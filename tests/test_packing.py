@@ -18,7 +18,7 @@ from test_data import random_examples
 
 
 def loss_and_grads(model, layers, batch, n_target):
-    from lrft.evaluate import summed_token_loss
+    from lrft.loss import summed_token_loss
 
     for layer in layers.values():
         for p in layer.parameters():
@@ -97,7 +97,7 @@ def test_packed_batch_with_flash_attention_on_cuda():
     pytest.importorskip("flash_attn")
     from transformers import LlamaForCausalLM
 
-    from lrft.evaluate import summed_token_loss
+    from lrft.loss import summed_token_loss
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(attn_implementation="sdpa")).to("cuda", torch.bfloat16)

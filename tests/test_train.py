@@ -140,7 +140,7 @@ def test_skipped_nonfinite_step_skips_only_the_update(tiny_model_dir, tmp_path, 
                     return output * float("nan")
             return None
 
-        model.lm_head.register_forward_hook(hook)
+        model.model.norm.register_forward_hook(hook)  # the head itself is replaced by the loss head
         return model
 
     monkeypatch.setattr(train_module, "load_base_model", poisoned)

@@ -130,6 +130,15 @@ class SharedTensors:
         return dict(self._cache)
 
 
+class MaskDropout(nn.Dropout):
+    """Dropout whose backward keeps a one-byte mask per element. On the CPU ``nn.Dropout`` keeps its float
+    noise instead, four bytes for every input element of every adapted layer (the fused kernel it takes on
+    GPUs keeps a boolean mask, as this does everywhere); the random draws are the same."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.native_dropout(x, self.p, True)[0] if self.training else x
+
+
 def base_weight_info(base: nn.Module) -> tuple[int, int, torch.device]:
     """(in_features, out_features, device) of a plain or bitsandbytes linear."""
     weight = base.weight
@@ -166,7 +175,7 @@ class AdapterLayer(nn.Module):
         self.in_features, self.out_features, self.device = base_weight_info(base_layer)
         self.frozen_dtype = frozen_dtype
         self.scaling = config.scaling
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = MaskDropout(config.dropout) if config.dropout > 0 else nn.Identity()
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
 
