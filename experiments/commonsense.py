@@ -3,8 +3,8 @@
 
 Every number comes from the real CLI: ``lrft train`` (a shipped recipe plus ``--set`` overrides),
 ``lrft eval --mode loglik`` on the vendored dev subsets, and ``lrft inspect-rank --compare ... --json``.
-Results land in experiments/results/*.json; docs/results.md and its PNGs are rendered from those files
-only (``--render-only`` re-renders without training).
+Results land in experiments/results/*.json (kept on the branch study-results: docs/studies.md); docs/results.md
+and its PNGs are rendered from those files only (``--render-only`` re-renders without training).
 
     python experiments/commonsense.py                     # everything, seed 42 (what docs/results.md shows)
     python experiments/commonsense.py --seeds 42,43,44    # mean ± std over 3 seeds
@@ -32,27 +32,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-LRFT = [sys.executable, "-m", "lrft"]
+import study  # experiments/ is on sys.path when a study runs as a script
+from study import (HELDOUT, LORA2_ORTH_REG, LRFT, ORTH_REG, RANK_TOL, ROOT, SHAPES, TRAIN, child_env, fill_facts,
+                   mean_last, read_metrics, table)
+
 DEV = "lrft/samples/commonsense/dev"
-TRAIN = "lrft/samples/commonsense/train_mix.jsonl"
-HELDOUT = "lrft/samples/commonsense/train_500.jsonl"  # disjoint from train_mix.jsonl (see its NOTICE)
 HELDOUT_N = 40
 DOCDIR = Path("docs")
 TASKS = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
 
-# RM-LoRA regulariser weight used here. With the default squared form (eq. 10 as printed) and the authors'
-# orth_reg = 0.1, the regulariser starts near 0.1 x 150 layers x (r + r) = 480 for r = 16 (A A^T is ~0 and
-# B = 0 at init), against an LM loss of ~2: it would dominate the loss. 1e-3 brings it to ~5 at step 1,
-# decaying to ~2.4 (the B term, which has zero gradient at B = 0) as A's rows normalise: comparable with
-# the LM loss. See docs/results.md.
-ORTH_REG = 1.0e-3
-# LoRA²'s dual regulariser has the same problem: with orth_reg 0.1 (lrft's default when these runs were made; now
-# 0.001), summed over 150 layers and
-# six Gram penalties each, it starts near 1,220 against an LM loss of ~3.8 (measured: the LM loss did not move
-# in 20 steps). 2.5e-4 starts it near 3.
-LORA2_ORTH_REG = 2.5e-4
-RANK_TOL = 0.1  # second rank count for exp1 / exp3: singular values above 10 % of the largest
 RM_R = 16  # R for experiment 1 (the paper's Table 5 uses 32/64/80 on ViT-B/16's CIFAR-100 head; 16 fits the CPU budget)
 
 # name -> (recipe type, overrides, label, experiments)
@@ -108,15 +96,6 @@ def sh(cmd: list[str], log: Path, env: dict) -> float:
     return time.time() - t0
 
 
-def child_env(threads: int) -> dict:
-    env = dict(os.environ)
-    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[key] = str(threads)
-    env["TERM"] = "dumb"
-    env.setdefault("COLUMNS", "120")
-    return env
-
-
 def train_command(name: str, seed: int, args) -> list[str]:
     spec = RUNS[name]
     steps = args.steps
@@ -154,10 +133,6 @@ COST = {"vera": 2.8, "sparse": 2.5, "nola": 2.0, "randlora": 1.9, "rmlora": 1.2,
 
 def run_dir(name: str, seed: int) -> Path:
     return RUNS_DIR / f"{name}-s{seed}"
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def do_run(name: str, seed: int, args, results: Path, logs: Path) -> dict:
@@ -316,9 +291,6 @@ def stat(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-SHAPES = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "up": (576, 1536), "down": (1536, 576)}  # (in, out)
-
-
 def sparse_zero_fraction(s_value, r: int = 10) -> dict:
     """Share of zeros in RandLoRA's sparse bases (A: r x d, B_j: D x r, j = 1..ceil(d / r)) on SmolLM2's targets."""
     out, total, zeros = {}, 0.0, 0.0
@@ -351,11 +323,6 @@ def binomial_se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
 
 
-def mean_last(metrics: list[dict], key: str, k: int = 10) -> float:
-    values = [m[key] for m in metrics if key in m]
-    return statistics.mean(values[-k:]) if values else float("nan")
-
-
 def median_step_time(metrics: list[dict]) -> float:
     values = [m["step_time_s"] for m in metrics if "step_time_s" in m][2:]
     return statistics.median(values) if values else float("nan")
@@ -381,12 +348,6 @@ def rank_summary(inspect: dict, exp: str, name: str, key: str = "default") -> li
         if name in data["reports"] and key in data["reports"][name]:
             out.append(data["reports"][name][key]["summary"]["overall"])
     return out
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def per_task_table(runs: dict, names: list[str], base: dict | None) -> str:
@@ -479,7 +440,6 @@ def plot_allocation(layers: list[dict], path: Path, title: str) -> bool:
 def default_orth_reg() -> str:
     """lrft's current default ``orth_reg`` (RM-LoRA; AdaLoRA and LoRA² share it), read from the code."""
     try:
-        sys.path.insert(0, str(ROOT))
         from lrft.adapters.rmlora import DEFAULT_ORTH_REG
 
         return f"{DEFAULT_ORTH_REG:g}"
@@ -615,16 +575,6 @@ def reading_facts(runs: dict, inspect: dict, base: dict | None, settings: dict, 
     return facts
 
 
-def fill_facts(text: str, facts: dict[str, str]) -> str:
-    """Replace every ``{{key}}`` by its fact; an unknown key is rendered "–" and named on stdout."""
-    import re
-
-    missing = sorted({key for key in re.findall(r"\{\{(\w+)\}\}", text) if key not in facts})
-    if missing:
-        print(f"[note] readings quote facts these results do not have, rendered as –: {', '.join(missing)}", flush=True)
-    return re.sub(r"\{\{(\w+)\}\}", lambda m: facts.get(m.group(1), "–"), text)
-
-
 def render(results: Path, doc: Path, args) -> None:
     runs, inspect, base = load_results(results)
     if not runs:
@@ -658,8 +608,9 @@ def render(results: Path, doc: Path, args) -> None:
       "python experiments/commonsense.py --render-only         # rebuild this page and the PNGs\n"
       "# rerun one experiment from scratch into a scratch folder and compare with this page:\n"
       "python experiments/commonsense.py --only exp1 --force --results /tmp/rerun --doc /tmp/rerun/results.md\n```\n"
-      "Runs whose result file already exists with the same settings are skipped (the committed "
-      "`experiments/results/*.json` hold this page's runs), hence `--force` or a fresh `--results` folder to "
+      "Runs whose result file already exists with the same settings are skipped (this page's runs are the "
+      "result files on the branch `study-results`, which the script fetches: [studies.md](studies.md)), hence "
+      "`--force` or a fresh `--results` folder to "
       "retrain. Use the project's virtual environment (`.venv/bin/python`). Each run uses `--threads` torch "
       f"threads (default 1; this page's runs used {args.threads_used}, see the wall-time row); CPU results should "
       "repeat closely at the same thread count.\n")
@@ -951,7 +902,7 @@ def render(results: Path, doc: Path, args) -> None:
     print(f"rendered {doc}", flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=None, help="comma-separated experiments (exp1..exp4) or run names")
     p.add_argument("--seeds", default="42", help="comma-separated seeds (default 42)")
@@ -972,13 +923,14 @@ def main() -> None:
                    "(default: every experiment touched)")
     p.add_argument("--render-only", action="store_true")
     p.add_argument("--no-render", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     global DOCDIR, RUNS_DIR
     RUNS_DIR = Path(args.runs_dir)
     DOCDIR = Path(os.path.relpath((ROOT / args.doc).resolve().parent, ROOT))
     args.generate_runs = set(filter(None, args.generate_runs.split(",")))
     results = ROOT / args.results
+    study.ensure(results)
     logs = results / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     args.machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU, Python {platform.python_version()}"

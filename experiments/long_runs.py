@@ -4,10 +4,11 @@
 at matched trainable parameters, each at its own best learning rate, two seeds; RM-LoRA's regulariser weight
 swept in both norms; the RM-LoRA paper's Table 5 analogue from the long runs.
 
-Like experiments/commonsense.py (whose helpers it imports) every number comes from the real CLI (``lrft train``
+Like experiments/commonsense.py every number comes from the real CLI (``lrft train``
 on a shipped SmolLM2 recipe with ``--set`` overrides, ``lrft eval --loss``, ``lrft inspect-rank --json``), one
-result file per run lands in experiments/results/long/ as soon as the run is done, and docs/long-runs.md is
-rendered from those files only.
+result file per run lands in experiments/results/long/ as soon as the run is done (record it on the branch
+study-results with ``python experiments/study.py commit``: docs/studies.md), and docs/long-runs.md is rendered
+from those files only.
 
     .venv/bin/python experiments/long_runs.py --plan                 # every run, its state and estimated time
     .venv/bin/python experiments/long_runs.py --budget-minutes 240   # run what fits in 4 h, then stop
@@ -60,22 +61,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+import study  # experiments/ is on sys.path when a study runs as a script: the shared settings and helpers
 
-import commonsense as cs  # noqa: E402  (the pilot's helpers: CLI, environment, tables, statistics)
-
-ROOT = cs.ROOT
-LRFT = cs.LRFT
-TRAIN = cs.TRAIN
-HELDOUT_SOURCE = cs.HELDOUT  # train_500.jsonl: 400 records, 100 per task, disjoint from train_mix.jsonl
-N_LAYERS = 30  # SmolLM2-135M decoder layers; 5 targets each (cs.SHAPES)
+ROOT = study.ROOT
+LRFT = study.LRFT
+TRAIN = study.TRAIN
+HELDOUT_SOURCE = study.HELDOUT  # train_500.jsonl: 400 records, 100 per task, disjoint from train_mix.jsonl
+N_LAYERS = 30  # SmolLM2-135M decoder layers; 5 targets each (study.SHAPES)
 LORA_R = 16  # the reference budget: LoRA r = 16 on the 150 targets (3,317,760 trainable parameters)
 PARAM_TOL = 0.03  # every method's trainable count within 3 % of LoRA's
-RANK_TOL = cs.RANK_TOL  # the stated tolerance of the Table 5 rank: σ > 0.1 σ_max
-ORTH_REG = cs.ORTH_REG  # RM-LoRA's squared-norm weight in the sweep and final stages (lrft's default, 1e-3)
-LORA2_ORTH_REG = cs.LORA2_ORTH_REG  # as in the pilot (docs/results.md section 3)
+RANK_TOL = study.RANK_TOL  # the stated tolerance of the Table 5 rank: σ > 0.1 σ_max
+ORTH_REG = study.ORTH_REG  # RM-LoRA's squared-norm weight in the sweep and final stages (lrft's default, 1e-3)
+LORA2_ORTH_REG = study.LORA2_ORTH_REG  # as in the pilot (docs/results.md section 3)
 MICRO_BATCH = 4
 
 # What each stage sweeps. The middle entry is the centre (the shipped recipe's value); ``--sweep-points 1``
@@ -138,14 +135,12 @@ def recipe_path(recipe: str) -> Path:
 def trainable_count(recipe: str, sets: dict) -> int:
     """Trainable parameters of the adapter a recipe with these overrides builds, from lrft's own
     ``num_trainable`` over SmolLM2's 150 target shapes (what ``run.json`` reports after training)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     from lrft.adapters import get_adapter
     from lrft.recipe import load_recipe
 
     config = load_recipe(recipe_path(recipe), [f"{k}={fmt_value(v)}" for k, v in sets.items()]).adapter
     layer = get_adapter(config.type).layer
-    return N_LAYERS * sum(layer.num_trainable(fan_in, fan_out, config) for fan_in, fan_out in cs.SHAPES.values())
+    return N_LAYERS * sum(layer.num_trainable(fan_in, fan_out, config) for fan_in, fan_out in study.SHAPES.values())
 
 
 def size_sets(key: str, size: int, lora_r: int) -> dict:
@@ -503,8 +498,8 @@ def run_state(spec: RunSpec, args) -> dict:
     if spec.stage == "base":
         return out
     directory = ROOT / run_dir(spec, args)
-    study = read_json(ROOT / study_path(spec, args), {}) or {}
-    if study.get("settings") != settings:
+    notes = read_json(ROOT / study_path(spec, args), {}) or {}
+    if notes.get("settings") != settings:
         return out
     run = read_json(directory / "run.json", {})
     if run.get("finished") and (directory / "adapter" / "adapter_config.json").exists():
@@ -545,7 +540,7 @@ class Estimator:
     """Seconds per training example (step time / batch size) per method, and the start-up, evaluation and
     inspect-rank costs, from the most specific measurement available (see the module docstring)."""
 
-    def __init__(self, args, records: dict[str, dict]):
+    def __init__(self, args, records: dict[str, dict], cpu: Optional[str] = None):
         self.args = args
         self.per_example: dict[str, tuple[float, str]] = {}
         pilot_dir = ROOT / args.pilot_results
@@ -554,7 +549,7 @@ class Estimator:
         overheads, per_record, eval_start, inspect_s = [], [], [], []
         self.inspect_by_method: dict[str, list[float]] = {}
         pilot_keys: list[str] = []  # methods whose estimate is the pilot's step time
-        this_cpu = cpu_label({"machine": machine()})
+        this_cpu = cpu or cpu_label({"machine": machine()})  # the CPU the remaining runs will train on
         pilot_per_example: dict[str, float] = {}  # every method the pilot timed
         for key, method in METHODS.items():
             pilot = read_json(pilot_dir / f"{method.cost}-s42.json")
@@ -668,7 +663,7 @@ class Runner:
         with open(log, "a") as fh:
             fh.write("$ " + " ".join(cmd) + "\n")
             fh.flush()
-            self.child = subprocess.Popen(cmd, cwd=ROOT, env=cs.child_env(self.args.threads), stdout=fh,
+            self.child = subprocess.Popen(cmd, cwd=ROOT, env=study.child_env(self.args.threads), stdout=fh,
                                           stderr=subprocess.STDOUT, start_new_session=True,
                                           preexec_fn=_die_with_parent)
             if on_start:
@@ -703,12 +698,12 @@ class Runner:
         directory = ROOT / run_dir(spec, args)
         commands, walls = {}, {}
         study_file = ROOT / study_path(spec, args)
-        study = read_json(study_file, {}) or {}
-        alive = study.get("pid")
+        notes = read_json(study_file, {}) or {}
+        alive = notes.get("pid")
         if alive and _alive(alive):
             raise RuntimeError(f"{spec.name}: an lrft process (pid {alive}) still trains in {directory}; "
                                "wait for it to checkpoint and exit, or stop it, then rerun")
-        attempts = study.get("attempts", []) if state["state"] != "new" else []
+        attempts = notes.get("attempts", []) if state["state"] != "new" else []
         if spec.stage != "base" and state["state"] in ("new", "resume"):
             resume = state["state"] == "resume"
             cmd = train_command(spec, args, resume)
@@ -791,7 +786,7 @@ class Runner:
             record["wall_s"]["train"] = round(sum(a.get("wall_s", 0) for a in attempts), 1)
             run = read_json(directory / "run.json", {})
             record["run"] = run
-            record["metrics"] = cs.read_metrics(directory / "metrics.jsonl") if (directory / "metrics.jsonl").exists() else []
+            record["metrics"] = study.read_metrics(directory / "metrics.jsonl") if (directory / "metrics.jsonl").exists() else []
             config = read_json(directory / "adapter" / "adapter_config.json")
             if config:
                 record["adapter_config"] = config
@@ -915,14 +910,14 @@ def measure(args, sizes: dict) -> None:
             spec = RunSpec(f"measure-{key}-t{threads}", "measure", key, args.seeds[0], args.measure_steps, "select",
                            m.label, centre(m.lrs), scaling, method_sets(key, sizes, scaling))
             cmd = train_command(spec, argparse.Namespace(**{**vars(args), "save_steps": None}), resume=False)
-            env = cs.child_env(threads)
+            env = study.child_env(threads)
             t0 = time.time()
             with open(logs / f"{spec.name}.log", "w") as fh:
                 rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
             if rc != 0:
                 print(f"[FAILED] measure {key} at {threads} thread(s): see {logs / (spec.name + '.log')}", flush=True)
                 continue
-            metrics = cs.read_metrics(ROOT / run_dir(spec, args) / "metrics.jsonl")
+            metrics = study.read_metrics(ROOT / run_dir(spec, args) / "metrics.jsonl")
             entry = {"step_time_s": step_seconds(metrics), "all_step_times_s": [x["step_time_s"] for x in metrics],
                      "wall_s": round(time.time() - t0, 1), "machine": machine()}
             data["methods"].setdefault(key, {})[str(threads)] = entry
@@ -973,8 +968,8 @@ def render(args, sizes: dict, records: dict) -> None:
     out: list[str] = []
     w = out.append
     w("# Long runs: SmolLM2 at a length where methods separate\n")
-    w(f"Generated by `experiments/long_runs.py` from `{args.results}/*.json`; every number below is read from those "
-      "files (nothing typed by hand). The runs are issue 20's part 3: LoRA, RandLoRA (dense, and sparse with "
+    w(f"Generated by `experiments/long_runs.py` from `{args.results}/*.json` (on the branch `study-results`: "
+      "[studies.md](studies.md)); every number below is read from those files (nothing typed by hand). The runs are issue 20's part 3: LoRA, RandLoRA (dense, and sparse with "
       "`keep_rank`), RM-LoRA in both masking modes and LoRA² at matched trainable parameters, each at its own "
       "learning rate from a short sweep, two seeds; RM-LoRA's regulariser weight in both norms; the RM-LoRA "
       "paper's Table 5 analogue. [docs/results.md](results.md) is the 20-step pilot.\n")
@@ -994,10 +989,12 @@ def render(args, sizes: dict, records: dict) -> None:
         rows.append([stage, f"{n_done} of {len(stage_specs)}",
                      ", ".join(f"`{m}`" for m in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
                      or "–"])
-    w(cs.table(["stage", "runs done", "not yet run"], rows) + "\n")
+    w(study.table(["stage", "runs done", "not yet run"], rows) + "\n")
     if len(done) < len(all_runs):
         w("Cells of runs not yet done read \"–\"; the study is incomplete until every stage is.\n")
-    est = Estimator(args, records)
+    # the page estimates for the CPU the study last ran on (meta.json), not the one rendering it: a page is
+    # a function of the result files
+    est = Estimator(args, records, cpu_label(read_json(results_dir(args) / "meta.json") or {"machine": machine()}))
     plan = plan_rows(argparse.Namespace(**{**vars(args), "only": None, "stages": ["sweep", "final", "reg"],
                                            "budget_minutes": None}), sizes, records, est)[0]
     rows = []
@@ -1017,7 +1014,7 @@ def render(args, sizes: dict, records: dict) -> None:
                   est.per_example.items())
       + f"), {est.overhead:.0f} s of start-up per training process and the measured cost of `lrft eval --loss` and "
         "`lrft inspect-rank`. The CPU was shared with other jobs, so these are rough.\n")
-    w(cs.table(["stage", "runs", "hours spent", "hours to go (estimate)"], rows) + "\n")
+    w(study.table(["stage", "runs", "hours spent", "hours to go (estimate)"], rows) + "\n")
 
     any_rec = next((r for r in records.values() if r.get("run")), None)
     w("## Setting\n")
@@ -1063,7 +1060,7 @@ def render(args, sizes: dict, records: dict) -> None:
         evals = sum(v for r in records.values() for k, v in r["wall_s"].items() if k != "train")
         rows.append(["wall time so far", f"{wall / 3600:.1f} h training + {evals / 3600:.1f} h evaluation and "
                                          f"inspect-rank over {len(records)} result files"])
-    w(cs.table(["", ""], rows) + "\n")
+    w(study.table(["", ""], rows) + "\n")
 
     w("## Matched trainable parameters\n")
     w(f"LoRA r = {LORA_R} on the 150 targets is the budget; every other method takes the size whose count, from "
@@ -1077,7 +1074,7 @@ def render(args, sizes: dict, records: dict) -> None:
         size = ", ".join(f"{k.split('.')[-1]} = {fmt_value(v)}" for k, v in s["sets"].items())
         rows.append([METHODS[key].label, size, f"{s['params']:,}", f"{100 * s['rel']:+.2f} %",
                      ", ".join(f"{m:,}" for m in sorted(x for x in measured if x)) or "–"])
-    w(cs.table(["method", "size", "trainable (computed)", "vs LoRA", "measured"], rows) + "\n")
+    w(study.table(["method", "size", "trainable (computed)", "vs LoRA", "measured"], rows) + "\n")
 
     w("## Learning-rate sweep\n")
     w(f"Held-out loss on the selection split after {steps_sweep} steps (seed {args.seeds[0]}); the chosen point is "
@@ -1111,7 +1108,7 @@ def render(args, sizes: dict, records: dict) -> None:
                                                                            f", a/r {chosen['scaling']:g}")
                                                  + (" (grid edge)" if chosen["edge"] else ""))
         rows.append([METHODS[key].label, "<br>".join(cells), note])
-    w(cs.table(["method", "held-out loss (selection split) per point", "chosen"], rows) + "\n")
+    w(study.table(["method", "held-out loss (selection split) per point", "chosen"], rows) + "\n")
 
     w("## Held-out loss after the long runs\n")
     base = records.get("base-test")
@@ -1133,7 +1130,7 @@ def render(args, sizes: dict, records: dict) -> None:
                                                    if any(r.get("diverged") for r in recs) else ""),
             mean_se(diffs, 4) if diffs else "–",
             t_interval(diffs, 4) if diffs else "–",
-            mean_se([cs.mean_last(r["metrics"], "loss") for r in recs], 3),
+            mean_se([study.mean_last(r["metrics"], "loss") for r in recs], 3),
             mean_se([x.get("mean_rank") for x in d], 1),
             mean_se([x.get("mean_effective_rank") for x in d], 1),
             step_time_cell(recs),
@@ -1143,7 +1140,7 @@ def render(args, sizes: dict, records: dict) -> None:
       "error; the 95 % interval uses Student's t with n − 1 degrees of freedom (12.7 for two seeds), so a "
       "difference *excludes 0* only when it is large against its spread between seeds. Negative: lower "
       "loss than LoRA.\n")
-    w(cs.table(["method", "lr", "seeds", "held-out loss (test)", "Δ vs LoRA (paired)", "95 % interval of Δ",
+    w(study.table(["method", "lr", "seeds", "held-out loss (test)", "Δ vs LoRA (paired)", "95 % interval of Δ",
                 "train loss (last 10)", "rank of ΔW", "erank", "step time (s)", "step time / LoRA's"], rows) + "\n")
     w("Step times are medians per run, grouped by the CPU they ran on (the runs moved between machines with and "
       "without AVX-512, and some trained two at a time: *CPU shared*); `step time / LoRA's` pairs each run with "
@@ -1173,14 +1170,14 @@ def render(args, sizes: dict, records: dict) -> None:
             recs = reg_records(records, key)
             label = reg_labels[key]
         d, t = [summary_of(r) for r in recs], [summary_of(r, f"tol{RANK_TOL:g}") for r in recs]
-        reg_term = [cs.mean_last(r["metrics"], "extra_loss") if any("extra_loss" in m for m in r["metrics"]) else None
+        reg_term = [study.mean_last(r["metrics"], "extra_loss") if any("extra_loss" in m for m in r["metrics"]) else None
                     for r in recs]
         rows.append([label, str(len(recs)) if recs else "–", mean_se([held(r) for r in recs], 4),
                      mean_se([x.get("mean_rank") for x in d], 1), mean_se([x.get("mean_rank") for x in t], 1),
                      mean_se([x.get("mean_effective_rank") for x in d], 2), mean_se([x.get("mean_orth_loss") for x in d], 1),
                      mean_se([x.get("mean_orth_loss_A") for x in d], 2), mean_se([x.get("mean_orth_loss_B") for x in d], 2),
                      mean_se(reg_term, 3)])
-    w(cs.table(["method", "seeds", "held-out loss (test)", "rank", f"rank@{RANK_TOL:g}", "erank", "‖ΔWΔWᵀ−I‖²",
+    w(study.table(["method", "seeds", "held-out loss (test)", "rank", f"rank@{RANK_TOL:g}", "erank", "‖ΔWΔWᵀ−I‖²",
                 "‖AAᵀ−I‖²", "‖BᵀB−I‖²", "reg. term (last 10)"], rows) + "\n")
 
     w("## Commands\n")
@@ -1202,7 +1199,7 @@ def render(args, sizes: dict, records: dict) -> None:
     readings = ROOT / "experiments" / "long-readings.md"
     if readings.exists():
         reading = re.sub(r"<!--.*?-->\s*", "", readings.read_text(), flags=re.S)  # the note to its editors
-        text += "\n## Reading\n\n" + cs.fill_facts(reading, long_facts(records, sizes))
+        text += "\n## Reading\n\n" + study.fill_facts(reading, long_facts(records, sizes))
     doc.write_text(text)
     print(f"rendered {doc}", flush=True)
 
@@ -1406,6 +1403,8 @@ def parse_args(argv: Optional[list[str]] = None):
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    study.ensure(results_dir(args))  # every finished run, so that nothing is run again
+    study.ensure(ROOT / args.pilot_results)
     sizes = matched_sizes()
     off = [k for k, s in sizes.items() if abs(s["rel"]) > PARAM_TOL]
     if off:

@@ -18,6 +18,8 @@ import long_runs as lr  # noqa: E402
 
 from lrft.recipe import load_recipe  # noqa: E402
 
+pytestmark = pytest.mark.study
+
 
 @pytest.fixture(scope="module")
 def sizes():
@@ -53,12 +55,12 @@ def test_matched_parameter_counts(sizes):
     assert sizes["randlora-sparse-keep"]["params"] == sizes["randlora"]["params"]  # keep_rank: same count
     assert sizes["rmlora-exact"]["params"] == sizes["lora"]["params"]
     assert sizes["lora2"]["sets"]["adapter.k"] == 16
-    # the counts lrft train reported for the same configurations in the pilot's run.json
+    # the counts lrft train reported for the same configurations in the pilot's run.json (results branch)
+    lr.study.ensure(lr.study.RESULTS)
     pilot = {"lora-r16": "lora", "randlora-r10": "randlora", "lora2-k16-R16": "lora2", "rmlora-r16": "rmlora-exact"}
     for name, key in pilot.items():
-        path = ROOT / "experiments" / "results" / f"{name}-s42.json"
-        if path.exists():
-            assert json.loads(path.read_text())["run"]["trainable_parameters"] == sizes[key]["params"], name
+        path = lr.study.RESULTS / f"{name}-s42.json"
+        assert json.loads(path.read_text())["run"]["trainable_parameters"] == sizes[key]["params"], name
 
 
 def test_every_planned_run_is_a_valid_recipe(tmp_path, sizes):
@@ -235,7 +237,7 @@ def test_reading_facts_pair_each_seed_with_lora_and_leave_missing_runs_out(sizes
     assert facts["reg_gmlora_vs_lora"] == "0.0100"  # paired with LoRA's seed-42 final run (1.00)
     assert facts["examples"] == "800"
     assert "keep_vs_shared" not in facts  # no shared-A run: the reading shows "–"
-    text = lr.cs.fill_facts("Δ {{delta_randlora}}, {{keep_vs_shared}}", facts)
+    text = lr.study.fill_facts("Δ {{delta_randlora}}, {{keep_vs_shared}}", facts)
     assert text == "Δ 0.0350 ± 0.0050, –"
 
 
