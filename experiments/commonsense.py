@@ -3,8 +3,8 @@
 
 Every number comes from the real CLI: ``lrft train`` (a shipped recipe plus ``--set`` overrides),
 ``lrft eval --mode loglik`` on the vendored dev subsets, and ``lrft inspect-rank --compare ... --json``.
-Results land in experiments/results/*.json; docs/results.md and its PNGs are rendered from those files
-only (``--render-only`` re-renders without training).
+Results land in experiments/results/*.json (kept on the branch study-results: docs/studies.md); docs/results.md
+and its PNGs are rendered from those files only (``--render-only`` re-renders without training).
 
     python experiments/commonsense.py                     # everything, seed 42 (what docs/results.md shows)
     python experiments/commonsense.py --seeds 42,43,44    # mean ± std over 3 seeds
@@ -30,29 +30,19 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-LRFT = [sys.executable, "-m", "lrft"]
+import study  # experiments/ is on sys.path when a study runs as a script
+from study import (HELDOUT, LORA2_ORTH_REG, LRFT, ORTH_REG, RANK_TOL, ROOT, SHAPES, TRAIN, child_env, fill_facts,
+                   mean_last, read_metrics, table)
+
 DEV = "lrft/samples/commonsense/dev"
-TRAIN = "lrft/samples/commonsense/train_mix.jsonl"
-HELDOUT = "lrft/samples/commonsense/train_500.jsonl"  # disjoint from train_mix.jsonl (see its NOTICE)
 HELDOUT_N = 40
 DOCDIR = Path("docs")
 TASKS = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
 
-# RM-LoRA regulariser weight used here. With the default squared form (eq. 10 as printed) and the authors'
-# orth_reg = 0.1, the regulariser starts near 0.1 x 150 layers x (r + r) = 480 for r = 16 (A A^T is ~0 and
-# B = 0 at init), against an LM loss of ~2: it would dominate the loss. 1e-3 brings it to ~5 at step 1,
-# decaying to ~2.4 (the B term, which has zero gradient at B = 0) as A's rows normalise: comparable with
-# the LM loss. See docs/results.md.
-ORTH_REG = 1.0e-3
-# LoRA²'s dual regulariser has the same problem: with orth_reg 0.1 (lrft's default when these runs were made; now
-# 0.001), summed over 150 layers and
-# six Gram penalties each, it starts near 1,220 against an LM loss of ~3.8 (measured: the LM loss did not move
-# in 20 steps). 2.5e-4 starts it near 3.
-LORA2_ORTH_REG = 2.5e-4
-RANK_TOL = 0.1  # second rank count for exp1 / exp3: singular values above 10 % of the largest
 RM_R = 16  # R for experiment 1 (the paper's Table 5 uses 32/64/80 on ViT-B/16's CIFAR-100 head; 16 fits the CPU budget)
 
 # name -> (recipe type, overrides, label, experiments)
@@ -108,15 +98,6 @@ def sh(cmd: list[str], log: Path, env: dict) -> float:
     return time.time() - t0
 
 
-def child_env(threads: int) -> dict:
-    env = dict(os.environ)
-    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[key] = str(threads)
-    env["TERM"] = "dumb"
-    env.setdefault("COLUMNS", "120")
-    return env
-
-
 def train_command(name: str, seed: int, args) -> list[str]:
     spec = RUNS[name]
     steps = args.steps
@@ -154,10 +135,6 @@ COST = {"vera": 2.8, "sparse": 2.5, "nola": 2.0, "randlora": 1.9, "rmlora": 1.2,
 
 def run_dir(name: str, seed: int) -> Path:
     return RUNS_DIR / f"{name}-s{seed}"
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def do_run(name: str, seed: int, args, results: Path, logs: Path) -> dict:
@@ -316,9 +293,6 @@ def stat(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-SHAPES = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "up": (576, 1536), "down": (1536, 576)}  # (in, out)
-
-
 def sparse_zero_fraction(s_value, r: int = 10) -> dict:
     """Share of zeros in RandLoRA's sparse bases (A: r x d, B_j: D x r, j = 1..ceil(d / r)) on SmolLM2's targets."""
     out, total, zeros = {}, 0.0, 0.0
@@ -351,11 +325,6 @@ def binomial_se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
 
 
-def mean_last(metrics: list[dict], key: str, k: int = 10) -> float:
-    values = [m[key] for m in metrics if key in m]
-    return statistics.mean(values[-k:]) if values else float("nan")
-
-
 def median_step_time(metrics: list[dict]) -> float:
     values = [m["step_time_s"] for m in metrics if "step_time_s" in m][2:]
     return statistics.median(values) if values else float("nan")
@@ -381,12 +350,6 @@ def rank_summary(inspect: dict, exp: str, name: str, key: str = "default") -> li
         if name in data["reports"] and key in data["reports"][name]:
             out.append(data["reports"][name][key]["summary"]["overall"])
     return out
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def per_task_table(runs: dict, names: list[str], base: dict | None) -> str:
@@ -479,7 +442,6 @@ def plot_allocation(layers: list[dict], path: Path, title: str) -> bool:
 def default_orth_reg() -> str:
     """lrft's current default ``orth_reg`` (RM-LoRA; AdaLoRA and LoRA² share it), read from the code."""
     try:
-        sys.path.insert(0, str(ROOT))
         from lrft.adapters.rmlora import DEFAULT_ORTH_REG
 
         return f"{DEFAULT_ORTH_REG:g}"
@@ -615,39 +577,62 @@ def reading_facts(runs: dict, inspect: dict, base: dict | None, settings: dict, 
     return facts
 
 
-def fill_facts(text: str, facts: dict[str, str]) -> str:
-    """Replace every ``{{key}}`` by its fact; an unknown key is rendered "–" and named on stdout."""
-    import re
+@dataclass
+class Page:
+    """What the sections of docs/results.md read (the result files, the run settings) and the page so far."""
 
-    missing = sorted({key for key in re.findall(r"\{\{(\w+)\}\}", text) if key not in facts})
-    if missing:
-        print(f"[note] readings quote facts these results do not have, rendered as –: {', '.join(missing)}", flush=True)
-    return re.sub(r"\{\{(\w+)\}\}", lambda m: facts.get(m.group(1), "–"), text)
+    results: Path
+    args: Any
+    runs: dict
+    inspect: dict
+    base: Optional[dict]
+    out: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.any_rec = next(iter(next(iter(self.runs.values())).values()))
+        self.settings = self.any_rec["settings"]
+        self.seeds = sorted({s for recs in self.runs.values() for s in recs})
+
+    def w(self, text: str) -> None:
+        self.out.append(text)
+
+    def common_cols(self, name: str) -> list[str]:
+        recs = self.runs[name]
+        first = next(iter(recs.values()))
+        return [
+            RUNS[name]["label"],
+            f"{first['run']['trainable_parameters']:,}",
+            acc_cell(recs),
+            stat([mean_last(r["metrics"], "loss") for r in recs.values()], 1, 3),
+            stat([heldout(r) for r in recs.values()], 1, 3),
+        ]
+
+    def closing(self, exp: str, names: list[str]) -> None:
+        """The end of every experiment's section: its loss-curve and spectra PNGs and its reading."""
+        if plot_losses(self.runs, names, DOCDIR / Path(f"results-{exp}-loss.png"), EXP_TITLES[exp]):
+            self.w(f"![{exp} loss curves](results-{exp}-loss.png)\n")
+        if (ROOT / DOCDIR / f"results-{exp}-spectra.png").exists():
+            self.w(f"![{exp} spectra](results-{exp}-spectra.png)\n")
+        self.w(f"<!-- reading:{exp} -->\n")
 
 
 def render(results: Path, doc: Path, args) -> None:
+    """docs/results.md and its PNGs from the result files, one function per section."""
     runs, inspect, base = load_results(results)
     if not runs:
         print("nothing to render", flush=True)
         return
-    any_rec = next(iter(next(iter(runs.values())).values()))
-    settings = any_rec["settings"]
-    seeds = sorted({s for recs in runs.values() for s in recs})
-    versions = any_rec["run"].get("versions", {})
-    n_task = any_rec["eval_loglik"]["limit"]
-    n_total = sum(t["n"] for t in any_rec["eval_loglik"]["tasks"].values())
-    se_half = 100 * binomial_se(0.5, n_task)
-    se_mean = 100 * binomial_se(0.5, n_total)
-    out: list[str] = []
-    w = out.append
+    page = Page(results, args, runs, inspect, base)
+    for section in (head_section, setting_section, commands_section, exp1_section, exp2_section, exp3_section, exp4_section,
+                    generate_section):
+        section(page)
+    doc.write_text(fill_readings("\n".join(page.out), page))
+    print(f"rendered {doc}", flush=True)
 
-    def loss_curves_spectra_reading(exp: str, names: list[str]) -> None:
-        """The end of every experiment's section: its loss-curve and spectra PNGs and its reading."""
-        if plot_losses(runs, names, DOCDIR / Path(f"results-{exp}-loss.png"), EXP_TITLES[exp]):
-            w(f"![{exp} loss curves](results-{exp}-loss.png)\n")
-        if (ROOT / DOCDIR / f"results-{exp}-spectra.png").exists():
-            w(f"![{exp} spectra](results-{exp}-spectra.png)\n")
-        w(f"<!-- reading:{exp} -->\n")
+
+def head_section(page: Page) -> None:
+    """The title, how to rerun, and where the longer studies are."""
+    w, args = page.w, page.args
     w("# Results: the papers' findings at laptop scale\n")
     w("Generated by `experiments/commonsense.py` from `experiments/results/*.json`; every measured number below is "
       "read from those files (nothing typed by hand; the readings' numbers are filled in from them too), and numbers "
@@ -658,8 +643,9 @@ def render(results: Path, doc: Path, args) -> None:
       "python experiments/commonsense.py --render-only         # rebuild this page and the PNGs\n"
       "# rerun one experiment from scratch into a scratch folder and compare with this page:\n"
       "python experiments/commonsense.py --only exp1 --force --results /tmp/rerun --doc /tmp/rerun/results.md\n```\n"
-      "Runs whose result file already exists with the same settings are skipped (the committed "
-      "`experiments/results/*.json` hold this page's runs), hence `--force` or a fresh `--results` folder to "
+      "Runs whose result file already exists with the same settings are skipped (this page's runs are the "
+      "result files on the branch `study-results`, which the script fetches: [studies.md](studies.md)), hence "
+      "`--force` or a fresh `--results` folder to "
       "retrain. Use the project's virtual environment (`.venv/bin/python`). Each run uses `--threads` torch "
       f"threads (default 1; this page's runs used {args.threads_used}, see the wall-time row); CPU results should "
       "repeat closely at the same thread count.\n")
@@ -669,6 +655,17 @@ def render(results: Path, doc: Path, args) -> None:
       "`experiments/results/long/*.json` (`--plan` lists its runs and their estimated CPU time). RandLoRA's "
       "central claim (full rank beats low rank at an equal parameter budget when the task needs rank) is tested "
       "in isolation, on a controlled regression with lrft's own layers, in [docs/regression.md](regression.md).\n")
+
+
+def setting_section(page: Page) -> None:
+    """The setting table, and the noise and scale caveats."""
+    runs, base, w, args = page.runs, page.base, page.w, page.args
+    any_rec, settings, seeds = page.any_rec, page.settings, page.seeds
+    versions = any_rec["run"].get("versions", {})
+    n_task = any_rec["eval_loglik"]["limit"]
+    n_total = sum(t["n"] for t in any_rec["eval_loglik"]["tasks"].values())
+    se_half = 100 * binomial_se(0.5, n_task)
+    se_mean = 100 * binomial_se(0.5, n_total)
     w("## Setting\n")
     total_train = sum(r["wall_s"]["train"] for recs in runs.values() for r in recs.values())
     total_eval = sum(r["wall_s"]["eval"] for recs in runs.values() for r in recs.values())
@@ -724,6 +721,10 @@ def render(results: Path, doc: Path, args) -> None:
         w(f"The untrained 4-bit base model scores {100 * base['eval_loglik']['mean_accuracy']:.1f} on the same "
           f"examples (first row of each per-task table) and has a held-out loss of {heldout(base):.3f}.\n")
 
+
+def commands_section(page: Page) -> None:
+    """The commands of every run (first seed) and of inspect-rank."""
+    runs, inspect, seeds, w = page.runs, page.inspect, page.seeds, page.w
     w("Commands (each run: `lrft train` on a shipped recipe with `--set` overrides, then `lrft eval`; seed "
       f"{seeds[0]}):\n")
     w("```")
@@ -741,18 +742,11 @@ def render(results: Path, doc: Path, args) -> None:
                 w(cmd)
     w("```\n")
 
-    def common_cols(name: str) -> list[str]:
-        recs = runs[name]
-        first = next(iter(recs.values()))
-        return [
-            RUNS[name]["label"],
-            f"{first['run']['trainable_parameters']:,}",
-            acc_cell(recs),
-            stat([mean_last(r["metrics"], "loss") for r in recs.values()], 1, 3),
-            stat([heldout(r) for r in recs.values()], 1, 3),
-        ]
 
-    # exp1
+def exp1_section(page: Page) -> None:
+    """1. RM-LoRA Table 5."""
+    runs, inspect, base, w = page.runs, page.inspect, page.base, page.w
+    common_cols, loss_curves_spectra_reading = page.common_cols, page.closing
     w("## 1. " + EXP_TITLES["exp1"] + "\n")
     w("RM-LoRA paper, Table 5: LoRA, GM-LoRA (gradient masking only: `rmlora`, `orth_reg: 0`), R-LoRA "
       "(regulariser only: `mask_rank: null`) and RM-LoRA (both) at the same R, same data and steps. "
@@ -794,7 +788,11 @@ def render(results: Path, doc: Path, args) -> None:
     w(per_task_table(runs, names, base) + "\n")
     loss_curves_spectra_reading("exp1", names)
 
-    # exp2
+
+def exp2_section(page: Page) -> None:
+    """2. RandLoRA against LoRA at equal parameters, with VeRA and NoLA."""
+    runs, inspect, base, w = page.runs, page.inspect, page.base, page.w
+    common_cols, loss_curves_spectra_reading = page.common_cols, page.closing
     w("## 2. " + EXP_TITLES["exp2"] + "\n")
     w("RandLoRA paper, Table 1 pairing (Qwen2-0.5B: LoRA-16 ~ RandLoRA-10; SmolLM2's widths give the same "
       "pairing), with VeRA and NoLA at their published defaults. `rank bound` is what the parameterisation "
@@ -816,7 +814,12 @@ def render(results: Path, doc: Path, args) -> None:
     w(per_task_table(runs, names, base) + "\n")
     loss_curves_spectra_reading("exp2", names)
 
-    # exp3
+
+def exp3_section(page: Page) -> None:
+    """3. LoRA² pruning against LoRA."""
+    runs, inspect, w = page.runs, page.inspect, page.w
+    common_cols, loss_curves_spectra_reading = page.common_cols, page.closing
+    results = page.results
     w("## 3. " + EXP_TITLES["exp3"] + "\n")
     parts = []
     if "lora2-k16-R16" in runs and "lora-r16" in runs:
@@ -846,37 +849,48 @@ def render(results: Path, doc: Path, args) -> None:
                                          stat([x.get("mean_effective_rank") for x in d], 1, 2)])
     w(table(["method", "trainable", "dev acc (loglik, %)", "train loss (last 10)", "held-out loss", "mean rank of ΔW",
              "erank"], rows) + "\n")
-    if "lora2-k16-R16" in runs:
-        rec = sorted(runs["lora2-k16-R16"].items())[0][1]
-        ranks = rec["adapter_config"].get("summary", {}).get("ranks") or {}
-        if not ranks:  # older adapters: fall back to inspect-rank's numerical rank
-            ranks = {}
-        by_module: dict[str, list[int]] = {}
-        by_depth: dict[int, list[int]] = {}
-        layers = []
-        for lname, rank in ranks.items():
-            parts = lname.split(".")
-            mtype = parts[-1].removesuffix("_proj")
-            depth = next(int(p) for p in parts if p.isdigit())
-            by_module.setdefault(mtype, []).append(rank)
-            by_depth.setdefault(depth, []).append(rank)
-            layers.append({"module_type": mtype, "depth": depth, "rank": rank})
-        if ranks:
-            w(f"Final rank allocation of LoRA² (pruned from R = 16 to a budget of 8 per layer on average, "
-              f"{sum(ranks.values())} of {16 * len(ranks)} singular values kept), from the adapter's "
-              "`adapter_config.json` summary:\n")
-            mods = ["q", "k", "v", "up", "down"]
-            w(table(["module"] + mods, [["mean final rank"] + [f"{statistics.mean(by_module[m]):.1f}" for m in mods if m in by_module],
-                                        ["min–max"] + [f"{min(by_module[m])}–{max(by_module[m])}" for m in mods if m in by_module],
-                                        ["layers pruned to 0"] + [str(sum(1 for v in by_module[m] if v == 0)) for m in mods if m in by_module]]) + "\n")
-            thirds = [("layers 0–9", range(0, 10)), ("layers 10–19", range(10, 20)), ("layers 20–29", range(20, 30))]
-            w(table(["depth"] + [t for t, _ in thirds],
-                    [["mean final rank"] + [f"{statistics.mean([v for d in r for v in by_depth.get(d, [])]):.1f}" for _, r in thirds]]) + "\n")
-            if plot_allocation(layers, DOCDIR / Path("results-exp3-allocation.png"), "LoRA² final rank per layer"):
-                w("![exp3 allocation](results-exp3-allocation.png)\n")
+    lora2_allocation(page)
     loss_curves_spectra_reading("exp3", names)
 
-    # exp4
+
+def lora2_allocation(page: Page) -> None:
+    """LoRA²'s final rank per module type and depth, from its adapter_config.json summary."""
+    runs, w = page.runs, page.w
+    if "lora2-k16-R16" not in runs:
+        return
+    rec = sorted(runs["lora2-k16-R16"].items())[0][1]
+    ranks = rec["adapter_config"].get("summary", {}).get("ranks") or {}
+    if not ranks:  # older adapters: fall back to inspect-rank's numerical rank
+        ranks = {}
+    by_module: dict[str, list[int]] = {}
+    by_depth: dict[int, list[int]] = {}
+    layers = []
+    for lname, rank in ranks.items():
+        parts = lname.split(".")
+        mtype = parts[-1].removesuffix("_proj")
+        depth = next(int(p) for p in parts if p.isdigit())
+        by_module.setdefault(mtype, []).append(rank)
+        by_depth.setdefault(depth, []).append(rank)
+        layers.append({"module_type": mtype, "depth": depth, "rank": rank})
+    if ranks:
+        w(f"Final rank allocation of LoRA² (pruned from R = 16 to a budget of 8 per layer on average, "
+          f"{sum(ranks.values())} of {16 * len(ranks)} singular values kept), from the adapter's "
+          "`adapter_config.json` summary:\n")
+        mods = ["q", "k", "v", "up", "down"]
+        w(table(["module"] + mods, [["mean final rank"] + [f"{statistics.mean(by_module[m]):.1f}" for m in mods if m in by_module],
+                                    ["min–max"] + [f"{min(by_module[m])}–{max(by_module[m])}" for m in mods if m in by_module],
+                                    ["layers pruned to 0"] + [str(sum(1 for v in by_module[m] if v == 0)) for m in mods if m in by_module]]) + "\n")
+        thirds = [("layers 0–9", range(0, 10)), ("layers 10–19", range(10, 20)), ("layers 20–29", range(20, 30))]
+        w(table(["depth"] + [t for t, _ in thirds],
+                [["mean final rank"] + [f"{statistics.mean([v for d in r for v in by_depth.get(d, [])]):.1f}" for _, r in thirds]]) + "\n")
+        if plot_allocation(layers, DOCDIR / Path("results-exp3-allocation.png"), "LoRA² final rank per layer"):
+            w("![exp3 allocation](results-exp3-allocation.png)\n")
+
+
+def exp4_section(page: Page) -> None:
+    """4. Sparse RandLoRA bases."""
+    runs, inspect, base, w = page.runs, page.inspect, page.base, page.w
+    common_cols, loss_curves_spectra_reading = page.common_cols, page.closing
     w("## 4. " + EXP_TITLES["exp4"] + "\n")
     zf = {s_: sparse_zero_fraction(s_) for s_ in (6.0, None)}
     w("RandLoRA paper, Table 4 and sec. 6.4. lrft's sparse basis has entries ±√(s/2) with probability 1/s each "
@@ -915,6 +929,10 @@ def render(results: Path, doc: Path, args) -> None:
     w(per_task_table(runs, names, base) + "\n")
     loss_curves_spectra_reading("exp4", names)
 
+
+def generate_section(page: Page) -> None:
+    """The generate-mode evaluation, and the place of the overall reading."""
+    runs, w = page.runs, page.w
     gen = {n: r for n, recs in runs.items() for s, r in recs.items() if "eval_generate" in r}
     w("## Generate-mode evaluation\n")
     if gen:
@@ -933,7 +951,9 @@ def render(results: Path, doc: Path, args) -> None:
     w("## Reading\n")
     w("<!-- reading:overall -->\n")
 
-    text = "\n".join(out)
+
+def fill_readings(text: str, page: Page) -> str:
+    """The hand-written readings (experiments/readings.md) in their places, their facts filled in."""
     readings = ROOT / "experiments" / "readings.md"
     if readings.exists():
         sections = {}
@@ -946,12 +966,11 @@ def render(results: Path, doc: Path, args) -> None:
                 sections[current].append(line)
         for key, lines in sections.items():
             text = text.replace(key, "\n".join(lines).strip() + "\n")
-        text = fill_facts(text, reading_facts(runs, inspect, base, settings, results))
-    doc.write_text(text)
-    print(f"rendered {doc}", flush=True)
+        text = fill_facts(text, reading_facts(page.runs, page.inspect, page.base, page.settings, page.results))
+    return text
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=None, help="comma-separated experiments (exp1..exp4) or run names")
     p.add_argument("--seeds", default="42", help="comma-separated seeds (default 42)")
@@ -972,13 +991,14 @@ def main() -> None:
                    "(default: every experiment touched)")
     p.add_argument("--render-only", action="store_true")
     p.add_argument("--no-render", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     global DOCDIR, RUNS_DIR
     RUNS_DIR = Path(args.runs_dir)
     DOCDIR = Path(os.path.relpath((ROOT / args.doc).resolve().parent, ROOT))
     args.generate_runs = set(filter(None, args.generate_runs.split(",")))
     results = ROOT / args.results
+    study.ensure(results)
     logs = results / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     args.machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU, Python {platform.python_version()}"

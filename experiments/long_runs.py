@@ -4,10 +4,11 @@
 at matched trainable parameters, each at its own best learning rate, two seeds; RM-LoRA's regulariser weight
 swept in both norms; the RM-LoRA paper's Table 5 analogue from the long runs.
 
-Like experiments/commonsense.py (whose helpers it imports) every number comes from the real CLI (``lrft train``
+Like experiments/commonsense.py every number comes from the real CLI (``lrft train``
 on a shipped SmolLM2 recipe with ``--set`` overrides, ``lrft eval --loss``, ``lrft inspect-rank --json``), one
-result file per run lands in experiments/results/long/ as soon as the run is done, and docs/long-runs.md is
-rendered from those files only.
+result file per run lands in experiments/results/long/ as soon as the run is done (record it on the branch
+study-results with ``python experiments/study.py commit``: docs/studies.md), and docs/long-runs.md is rendered
+from those files only.
 
     .venv/bin/python experiments/long_runs.py --plan                 # every run, its state and estimated time
     .venv/bin/python experiments/long_runs.py --budget-minutes 240   # run what fits in 4 h, then stop
@@ -60,22 +61,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+import study  # experiments/ is on sys.path when a study runs as a script: the shared settings and helpers
 
-import commonsense as cs  # noqa: E402  (the pilot's helpers: CLI, environment, tables, statistics)
-
-ROOT = cs.ROOT
-LRFT = cs.LRFT
-TRAIN = cs.TRAIN
-HELDOUT_SOURCE = cs.HELDOUT  # train_500.jsonl: 400 records, 100 per task, disjoint from train_mix.jsonl
-N_LAYERS = 30  # SmolLM2-135M decoder layers; 5 targets each (cs.SHAPES)
+ROOT = study.ROOT
+LRFT = study.LRFT
+TRAIN = study.TRAIN
+HELDOUT_SOURCE = study.HELDOUT  # train_500.jsonl: 400 records, 100 per task, disjoint from train_mix.jsonl
+N_LAYERS = 30  # SmolLM2-135M decoder layers; 5 targets each (study.SHAPES)
 LORA_R = 16  # the reference budget: LoRA r = 16 on the 150 targets (3,317,760 trainable parameters)
 PARAM_TOL = 0.03  # every method's trainable count within 3 % of LoRA's
-RANK_TOL = cs.RANK_TOL  # the stated tolerance of the Table 5 rank: σ > 0.1 σ_max
-ORTH_REG = cs.ORTH_REG  # RM-LoRA's squared-norm weight in the sweep and final stages (lrft's default, 1e-3)
-LORA2_ORTH_REG = cs.LORA2_ORTH_REG  # as in the pilot (docs/results.md section 3)
+RANK_TOL = study.RANK_TOL  # the stated tolerance of the Table 5 rank: σ > 0.1 σ_max
+ORTH_REG = study.ORTH_REG  # RM-LoRA's squared-norm weight in the sweep and final stages (lrft's default, 1e-3)
+LORA2_ORTH_REG = study.LORA2_ORTH_REG  # as in the pilot (docs/results.md section 3)
 MICRO_BATCH = 4
 
 # What each stage sweeps. The middle entry is the centre (the shipped recipe's value); ``--sweep-points 1``
@@ -85,9 +82,10 @@ LORA2_LRS = [1e-2, 3e-2, 1e-1]  # the recipe's 3e-2 in the middle: Λ starts at 
 RANDLORA_SCALINGS = [2.0, 20.0]  # alpha / r: the authors report 2r..20r working; 20 is lrft's default
 REG_SQUARED = [0.0, 1e-4, 1e-3, 1e-2]  # eq. 10 as printed, summed over layers (0 = GM-LoRA)
 REG_FROBENIUS = [0.01, 0.1, 1.0]  # the authors' code: unsquared, averaged over factors; 0.1 is theirs
-# A sweep whose best lr sits at the edge of its row (same scaling) has not bracketed the optimum: it gets the
-# next value of this ladder beyond that edge, up to MAX_EXTEND times per direction (a short sweep that stops at
-# its grid's edge picks the edge by construction, which is what the first 8 runs did for LoRA and RandLoRA).
+# A method whose best sweep point (over all its rows) sits at the edge of its row (same scaling) has not
+# bracketed the optimum: that row, and only that one, gets the next value of this ladder beyond that edge, up to
+# MAX_EXTEND values beyond its initial grid per direction (``extension``; a short sweep that stops at its grid's
+# edge picks the edge by construction, which is what the first 8 runs did for LoRA and RandLoRA).
 LR_LADDER = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
 MAX_EXTEND = 2
 SELECT_EVERY, SELECT_N = 4, 100  # selection split: records 0, 4, 8, ... of train_500.jsonl (25 per task)
@@ -118,7 +116,7 @@ METHODS: dict[str, Method] = {m.key: m for m in [
     Method("randlora-sparse-shared", "RandLoRA sparse s=√D, one shared A", "randlora",
            {"adapter.basis": "sparse", "adapter.keep_rank": False}, LORA_LRS, RANDLORA_SCALINGS,
            cost="randlora-r10-sparse-sqrtD", lr_from="randlora-sparse-keep"),
-    Method("rmlora-exact", "RM-LoRA, exact masking (Algorithm 1)", "rmlora",
+    Method("rmlora-exact", "RM-LoRA, exact masking (lrft's extension)", "rmlora",
            {"adapter.orth_reg": ORTH_REG, "adapter.orth_reg_norm": "squared", "adapter.mask_mode": "exact"},
            LORA_LRS, cost="rmlora-r16"),
     Method("rmlora-grad_only", "RM-LoRA, grad_only masking (authors' code)", "rmlora",
@@ -138,14 +136,12 @@ def recipe_path(recipe: str) -> Path:
 def trainable_count(recipe: str, sets: dict) -> int:
     """Trainable parameters of the adapter a recipe with these overrides builds, from lrft's own
     ``num_trainable`` over SmolLM2's 150 target shapes (what ``run.json`` reports after training)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     from lrft.adapters import get_adapter
     from lrft.recipe import load_recipe
 
     config = load_recipe(recipe_path(recipe), [f"{k}={fmt_value(v)}" for k, v in sets.items()]).adapter
     layer = get_adapter(config.type).layer
-    return N_LAYERS * sum(layer.num_trainable(fan_in, fan_out, config) for fan_in, fan_out in cs.SHAPES.values())
+    return N_LAYERS * sum(layer.num_trainable(fan_in, fan_out, config) for fan_in, fan_out in study.SHAPES.values())
 
 
 def size_sets(key: str, size: int, lora_r: int) -> dict:
@@ -503,8 +499,8 @@ def run_state(spec: RunSpec, args) -> dict:
     if spec.stage == "base":
         return out
     directory = ROOT / run_dir(spec, args)
-    study = read_json(ROOT / study_path(spec, args), {}) or {}
-    if study.get("settings") != settings:
+    notes = read_json(ROOT / study_path(spec, args), {}) or {}
+    if notes.get("settings") != settings:
         return out
     run = read_json(directory / "run.json", {})
     if run.get("finished") and (directory / "adapter" / "adapter_config.json").exists():
@@ -545,7 +541,7 @@ class Estimator:
     """Seconds per training example (step time / batch size) per method, and the start-up, evaluation and
     inspect-rank costs, from the most specific measurement available (see the module docstring)."""
 
-    def __init__(self, args, records: dict[str, dict]):
+    def __init__(self, args, records: dict[str, dict], cpu: Optional[str] = None):
         self.args = args
         self.per_example: dict[str, tuple[float, str]] = {}
         pilot_dir = ROOT / args.pilot_results
@@ -554,7 +550,7 @@ class Estimator:
         overheads, per_record, eval_start, inspect_s = [], [], [], []
         self.inspect_by_method: dict[str, list[float]] = {}
         pilot_keys: list[str] = []  # methods whose estimate is the pilot's step time
-        this_cpu = cpu_label({"machine": machine()})
+        this_cpu = cpu or cpu_label({"machine": machine()})  # the CPU the remaining runs will train on
         pilot_per_example: dict[str, float] = {}  # every method the pilot timed
         for key, method in METHODS.items():
             pilot = read_json(pilot_dir / f"{method.cost}-s42.json")
@@ -668,7 +664,7 @@ class Runner:
         with open(log, "a") as fh:
             fh.write("$ " + " ".join(cmd) + "\n")
             fh.flush()
-            self.child = subprocess.Popen(cmd, cwd=ROOT, env=cs.child_env(self.args.threads), stdout=fh,
+            self.child = subprocess.Popen(cmd, cwd=ROOT, env=study.child_env(self.args.threads), stdout=fh,
                                           stderr=subprocess.STDOUT, start_new_session=True,
                                           preexec_fn=_die_with_parent)
             if on_start:
@@ -703,12 +699,12 @@ class Runner:
         directory = ROOT / run_dir(spec, args)
         commands, walls = {}, {}
         study_file = ROOT / study_path(spec, args)
-        study = read_json(study_file, {}) or {}
-        alive = study.get("pid")
+        notes = read_json(study_file, {}) or {}
+        alive = notes.get("pid")
         if alive and _alive(alive):
             raise RuntimeError(f"{spec.name}: an lrft process (pid {alive}) still trains in {directory}; "
                                "wait for it to checkpoint and exit, or stop it, then rerun")
-        attempts = study.get("attempts", []) if state["state"] != "new" else []
+        attempts = notes.get("attempts", []) if state["state"] != "new" else []
         if spec.stage != "base" and state["state"] in ("new", "resume"):
             resume = state["state"] == "resume"
             cmd = train_command(spec, args, resume)
@@ -791,7 +787,7 @@ class Runner:
             record["wall_s"]["train"] = round(sum(a.get("wall_s", 0) for a in attempts), 1)
             run = read_json(directory / "run.json", {})
             record["run"] = run
-            record["metrics"] = cs.read_metrics(directory / "metrics.jsonl") if (directory / "metrics.jsonl").exists() else []
+            record["metrics"] = study.read_metrics(directory / "metrics.jsonl") if (directory / "metrics.jsonl").exists() else []
             config = read_json(directory / "adapter" / "adapter_config.json")
             if config:
                 record["adapter_config"] = config
@@ -886,8 +882,8 @@ def print_plan(args, sizes: dict, records: dict) -> None:
         todo = sum(1 for r in rows if r[0] == stage and r[2]["state"] != "done")
         print(f"stage {stage:6s}: {n} runs, {todo} to do, ~{seconds / 3600:.1f} h wall = "
               f"~{args.threads * seconds / 3600:.1f} CPU-h at {args.threads} thread(s)")
-    print("(a sweep row whose best lr is at its edge gets up to "
-          f"{MAX_EXTEND} more points beyond it, which appear here once the row is done)")
+    print("(once a method's sweep points are done, the row holding its best point, if that point is at the "
+          f"row's edge, gets up to {MAX_EXTEND} more points beyond it, one at a time; they appear here then)")
     print(f"total: ~{total / 3600:.1f} h wall, ~{args.threads * total / 3600:.1f} CPU-h at {args.threads} thread(s), "
           "one run at a time")
     if args.budget_minutes:
@@ -915,14 +911,14 @@ def measure(args, sizes: dict) -> None:
             spec = RunSpec(f"measure-{key}-t{threads}", "measure", key, args.seeds[0], args.measure_steps, "select",
                            m.label, centre(m.lrs), scaling, method_sets(key, sizes, scaling))
             cmd = train_command(spec, argparse.Namespace(**{**vars(args), "save_steps": None}), resume=False)
-            env = cs.child_env(threads)
+            env = study.child_env(threads)
             t0 = time.time()
             with open(logs / f"{spec.name}.log", "w") as fh:
                 rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
             if rc != 0:
                 print(f"[FAILED] measure {key} at {threads} thread(s): see {logs / (spec.name + '.log')}", flush=True)
                 continue
-            metrics = cs.read_metrics(ROOT / run_dir(spec, args) / "metrics.jsonl")
+            metrics = study.read_metrics(ROOT / run_dir(spec, args) / "metrics.jsonl")
             entry = {"step_time_s": step_seconds(metrics), "all_step_times_s": [x["step_time_s"] for x in metrics],
                      "wall_s": round(time.time() - t0, 1), "machine": machine()}
             data["methods"].setdefault(key, {})[str(threads)] = entry
@@ -944,17 +940,42 @@ def mean_se(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {se:.{digits}f}"
 
 
-T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t, 1..10 df
+def t_within(t: float, df: int) -> float:
+    """P(|T| ≤ t) for Student's t with ``df`` degrees of freedom (Abramowitz & Stegun 26.7.3-4: a finite
+    series in cos θ, θ = atan(t / √df), exact for integer df)."""
+    theta = math.atan(t / math.sqrt(df))
+    odd = df % 2 == 1
+    term, total = (math.cos(theta) if odd else 1.0), 0.0
+    for j in range((df - 1) // 2 if odd else df // 2):
+        if j:  # odd df: 1, 2/3, 2·4/(3·5), ... times cos^(2j+1); even df: 1, 1/2, 1·3/(2·4), ... times cos^2j
+            term *= math.cos(theta) ** 2 * ((2 * j) / (2 * j + 1) if odd else (2 * j - 1) / (2 * j))
+        total += term
+    return 2 / math.pi * (theta + math.sin(theta) * total) if odd else math.sin(theta) * total
 
 
-def t_interval(values: list[float], digits: int = 3) -> str:
-    """The 95 % confidence interval of the mean (Student t, n − 1 df), and whether it excludes 0: with two
-    seeds t is 12.7, so only a difference far larger than its seed-to-seed spread counts."""
+def t_quantile(confidence: float, df: int) -> float:
+    """The t with P(|T| ≤ t) = ``confidence`` (df degrees of freedom), by bisection."""
+    low, high = 0.0, 1e7
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if t_within(mid, df) < confidence else (low, mid)
+    return (low + high) / 2
+
+
+def t_half_width(values: list[float], comparisons: int = 1) -> float:
+    """Half the width of the 95 % confidence interval of the mean (Student t, n − 1 df; n ≥ 2). With
+    ``comparisons``, Bonferroni's adjustment for that many intervals read together: each at 1 − 0.05 /
+    comparisons (two seeds, six comparisons: t = 76.4)."""
+    return t_quantile(1 - 0.05 / comparisons, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def t_interval(values: list[float], digits: int = 3, comparisons: int = 1) -> str:
+    """The interval of ``t_half_width`` and whether it excludes 0: with two seeds t is 12.7, so only a
+    difference far larger than its seed-to-seed spread counts."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     if len(values) < 2:
         return "–"
-    half = (T_975[len(values) - 2] if len(values) <= 11 else 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    mean = statistics.mean(values)
+    half, mean = t_half_width(values, comparisons), statistics.mean(values)
     verdict = "excludes 0" if abs(mean) > half else "includes 0"
     return f"[{mean - half:+.{digits}f}, {mean + half:+.{digits}f}] ({verdict})"
 
@@ -964,40 +985,54 @@ def summary_of(record: dict, key: str = "default") -> dict:
 
 
 def render(args, sizes: dict, records: dict) -> None:
+    """docs/long-runs.md (and its loss plot) from the result files, one function per section."""
     doc = ROOT / args.doc
-    docdir = doc.parent
-    docdir.mkdir(parents=True, exist_ok=True)
+    doc.parent.mkdir(parents=True, exist_ok=True)
     specs = all_specs(argparse.Namespace(**{**vars(args), "only": None, "stages": ["sweep", "final", "reg"]}),
                       sizes, records)
-    sweep = specs["sweep"]
-    out: list[str] = []
-    w = out.append
-    w("# Long runs: SmolLM2 at a length where methods separate\n")
-    w(f"Generated by `experiments/long_runs.py` from `{args.results}/*.json`; every number below is read from those "
-      "files (nothing typed by hand). The runs are issue 20's part 3: LoRA, RandLoRA (dense, and sparse with "
-      "`keep_rank`), RM-LoRA in both masking modes and LoRA² at matched trainable parameters, each at its own "
-      "learning rate from a short sweep, two seeds; RM-LoRA's regulariser weight in both norms; the RM-LoRA "
-      "paper's Table 5 analogue. [docs/results.md](results.md) is the 20-step pilot.\n")
-    w("```\n.venv/bin/python experiments/long_runs.py --plan                # every run, its state, estimated time\n"
-      ".venv/bin/python experiments/long_runs.py --budget-minutes 240  # run what fits in 4 h; rerun to continue\n"
-      ".venv/bin/python experiments/long_runs.py --render-only         # rebuild this page\n```\n"
-      "Result files are written as each run lands; an interrupted run continues from its last checkpoint "
-      f"(every {args.save_steps} steps) with `lrft train ... --resume` when the script is rerun.\n")
+    out = (page_head(args) + status_section(args, sizes, records, specs) + setting_section(args, records)
+           + sizes_section(sizes, records) + sweep_section(args, records, specs["sweep"])
+           + final_section(records, doc.parent) + table5_section(sizes, records) + commands_section(records))
+    text = "\n".join(out)
+    readings = ROOT / "experiments" / "long-readings.md"
+    if readings.exists():
+        reading = re.sub(r"<!--.*?-->\s*", "", readings.read_text(), flags=re.S)  # the note to its editors
+        text += "\n## Reading\n\n" + study.fill_facts(reading, long_facts(records, sizes))
+    doc.write_text(text)
+    print(f"rendered {doc}", flush=True)
 
-    all_runs = [s for stage in specs.values() for s in stage]
-    done = [s for s in all_runs if s.name in records]
-    w("## Status\n")
+
+def page_head(args) -> list[str]:
+    return [
+        "# Long runs: SmolLM2 at a length where methods separate\n",
+        f"Generated by `experiments/long_runs.py` from `{args.results}/*.json` (on the branch `study-results`: "
+        "[studies.md](studies.md)); every number below is read from those files (nothing typed by hand). The runs "
+        "are issue 20's part 3: LoRA, RandLoRA (dense, and sparse with `keep_rank`), RM-LoRA in both masking modes "
+        "and LoRA² at matched trainable parameters, each at its own learning rate from a short sweep, two seeds; "
+        "RM-LoRA's regulariser weight in both norms; the RM-LoRA paper's Table 5 analogue. "
+        "[docs/results.md](results.md) is the 20-step pilot.\n",
+        "```\n.venv/bin/python experiments/long_runs.py --plan                # every run, its state, estimated time\n"
+        ".venv/bin/python experiments/long_runs.py --budget-minutes 240  # run what fits in 4 h; rerun to continue\n"
+        ".venv/bin/python experiments/long_runs.py --render-only         # rebuild this page\n```\n"
+        "Result files are written as each run lands; an interrupted run continues from its last checkpoint "
+        f"(every {args.save_steps} steps) with `lrft train ... --resume` when the script is rerun.\n",
+    ]
+
+
+def status_section(args, sizes: dict, records: dict, specs: dict[str, list[RunSpec]]) -> list[str]:
+    out = ["## Status\n"]
     rows = []
     for stage, stage_specs in specs.items():
-        n_done = sum(1 for s in stage_specs if s.name in records)
         missing = [s.name for s in stage_specs if s.name not in records]
-        rows.append([stage, f"{n_done} of {len(stage_specs)}",
+        rows.append([stage, f"{len(stage_specs) - len(missing)} of {len(stage_specs)}",
                      ", ".join(f"`{m}`" for m in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
                      or "–"])
-    w(cs.table(["stage", "runs done", "not yet run"], rows) + "\n")
-    if len(done) < len(all_runs):
-        w("Cells of runs not yet done read \"–\"; the study is incomplete until every stage is.\n")
-    est = Estimator(args, records)
+    out.append(study.table(["stage", "runs done", "not yet run"], rows) + "\n")
+    if any(s.name not in records for stage in specs.values() for s in stage):
+        out.append("Cells of runs not yet done read \"–\"; the study is incomplete until every stage is.\n")
+    # the page estimates for the CPU the study last ran on (meta.json), not the one rendering it: a page is
+    # a function of the result files
+    est = Estimator(args, records, cpu_label(read_json(results_dir(args) / "meta.json") or {"machine": machine()}))
     plan = plan_rows(argparse.Namespace(**{**vars(args), "only": None, "stages": ["sweep", "final", "reg"],
                                            "budget_minutes": None}), sizes, records, est)[0]
     rows = []
@@ -1009,25 +1044,30 @@ def render(args, sizes: dict, records: dict) -> None:
     threads = sorted({r.get("threads") for r in records.values() if r.get("threads")}) or [args.threads]
     at_once = ("one or two runs at a time (*CPU shared*, see Setting)"
                if any(shared_cpu(r) for r in records.values() if r["stage"] != "base") else "one run at a time")
-    w(f"**CPU budget.** Wall hours of the runs ({'/'.join(map(str, threads))} torch thread(s) each, {at_once}; "
-      "CPU-hours are the wall hours times the threads): "
-      "spent so far, from the result files, and still to go, estimated as `--plan` does from measured step times "
-      "(per method, with where it was measured: "
-      + "; ".join(f"{METHODS[k].label} {v * args.batch_size:.1f} s/step from {src}" for k, (v, src) in
-                  est.per_example.items())
-      + f"), {est.overhead:.0f} s of start-up per training process and the measured cost of `lrft eval --loss` and "
-        "`lrft inspect-rank`. The CPU was shared with other jobs, so these are rough.\n")
-    w(cs.table(["stage", "runs", "hours spent", "hours to go (estimate)"], rows) + "\n")
+    out.append(f"**CPU budget.** Wall hours of the runs ({'/'.join(map(str, threads))} torch thread(s) each, {at_once}; "
+               "CPU-hours are the wall hours times the threads): "
+               "spent so far, from the result files, and still to go, estimated as `--plan` does from measured step "
+               "times (per method, with where it was measured: "
+               + "; ".join(f"{METHODS[k].label} {v * args.batch_size:.1f} s/step from {src}" for k, (v, src) in
+                           est.per_example.items())
+               + f"), {est.overhead:.0f} s of start-up per training process and the measured cost of `lrft eval --loss` "
+                 "and `lrft inspect-rank`. The CPU was shared with other jobs, so these are rough.\n")
+    out.append(study.table(["stage", "runs", "hours spent", "hours to go (estimate)"], rows) + "\n")
+    return out
 
+
+def recorded(records: dict, key: str, default, where=lambda r: r["stage"] != "base"):
+    """A setting of the first result file that ``where`` accepts; ``default`` before any."""
+    return next((r["settings"][key] for r in records.values() if where(r)), default)
+
+
+def setting_section(args, records: dict) -> list[str]:
     any_rec = next((r for r in records.values() if r.get("run")), None)
-    w("## Setting\n")
-    steps_final = next((r["settings"]["steps"] for r in records.values() if r["stage"] == "final"), args.steps)
-    steps_sweep = next((r["settings"]["steps"] for r in records.values() if r["stage"] == "sweep"), args.sweep_steps)
-    batch = next((r["settings"]["batch_size"] for r in records.values() if r["stage"] != "base"), args.batch_size)
-    n_sel = next((r["settings"]["heldout_n"] for r in records.values() if r["settings"].get("split") == "select"),
-                 heldout_n(args, "select"))
-    n_test = next((r["settings"]["heldout_n"] for r in records.values() if r["settings"].get("split") == "test"),
-                  heldout_n(args, "test"))
+    steps_final = recorded(records, "steps", args.steps, lambda r: r["stage"] == "final")
+    steps_sweep = recorded(records, "steps", args.sweep_steps, lambda r: r["stage"] == "sweep")
+    batch = recorded(records, "batch_size", args.batch_size)
+    n_sel = recorded(records, "heldout_n", heldout_n(args, "select"), lambda r: r["settings"].get("split") == "select")
+    n_test = recorded(records, "heldout_n", heldout_n(args, "test"), lambda r: r["settings"].get("split") == "test")
     seeds = sorted({r["seed"] for r in records.values() if r["stage"] == "final"}) or args.seeds
     versions = (any_rec or {}).get("run", {}).get("versions", {})
     trained = [r for r in records.values() if r["stage"] != "base"]
@@ -1047,7 +1087,8 @@ def render(args, sizes: dict, records: dict) -> None:
                       "count and sharing"],
         ["training", f"`{TRAIN}`, cutoff 256, AdamW, linear decay after 10 % warm-up, batch {batch} "
                      f"(micro-batch {MICRO_BATCH}); sweep runs {steps_sweep} steps, final and reg runs {steps_final} "
-                     f"steps ({steps_final * batch} examples)"],
+                     f"steps ({steps_final * batch} examples); the loss is taken on every token of a record, its "
+                     "prompt included (the recipes' `train_on_inputs: true`, as in the published runs)"],
         ["held-out loss", f"`lrft eval --loss` (mean token loss, prompt tokens included as in training) on two "
                           f"disjoint splits of `{HELDOUT_SOURCE}` (disjoint from the training file): selection "
                           f"= records 0, 4, 8, … (first {n_sel}), used only to pick the learning rate; test = the odd "
@@ -1063,13 +1104,10 @@ def render(args, sizes: dict, records: dict) -> None:
         evals = sum(v for r in records.values() for k, v in r["wall_s"].items() if k != "train")
         rows.append(["wall time so far", f"{wall / 3600:.1f} h training + {evals / 3600:.1f} h evaluation and "
                                          f"inspect-rank over {len(records)} result files"])
-    w(cs.table(["", ""], rows) + "\n")
+    return ["## Setting\n", study.table(["", ""], rows) + "\n"]
 
-    w("## Matched trainable parameters\n")
-    w(f"LoRA r = {LORA_R} on the 150 targets is the budget; every other method takes the size whose count, from "
-      f"lrft's own `num_trainable`, is closest (tolerance {100 * PARAM_TOL:g} %). `measured` is `run.json`'s "
-      "count of the finished runs. LoRA² counts its R prunable values at the start (pruning masks them, the "
-      "parameters stay).\n")
+
+def sizes_section(sizes: dict, records: dict) -> list[str]:
     rows = []
     for key, s in sizes.items():
         measured = {r["run"].get("trainable_parameters") for r in records.values()
@@ -1077,134 +1115,194 @@ def render(args, sizes: dict, records: dict) -> None:
         size = ", ".join(f"{k.split('.')[-1]} = {fmt_value(v)}" for k, v in s["sets"].items())
         rows.append([METHODS[key].label, size, f"{s['params']:,}", f"{100 * s['rel']:+.2f} %",
                      ", ".join(f"{m:,}" for m in sorted(x for x in measured if x)) or "–"])
-    w(cs.table(["method", "size", "trainable (computed)", "vs LoRA", "measured"], rows) + "\n")
+    return [
+        "## Matched trainable parameters\n",
+        f"LoRA r = {LORA_R} on the 150 targets is the budget; every other method takes the size whose count, from "
+        f"lrft's own `num_trainable`, is closest (tolerance {100 * PARAM_TOL:g} %). `measured` is `run.json`'s "
+        "count of the finished runs. LoRA² counts its R prunable values at the start (pruning masks them, the "
+        "parameters stay).\n",
+        study.table(["method", "size", "trainable (computed)", "vs LoRA", "measured"], rows) + "\n",
+    ]
 
-    w("## Learning-rate sweep\n")
-    w(f"Held-out loss on the selection split after {steps_sweep} steps (seed {args.seeds[0]}); the chosen point is "
-      "in bold. A row (one scaling) whose best lr is at its edge is extended by the next value of the ladder "
-      f"{', '.join(f'{x:g}' for x in LR_LADDER)} beyond that edge, up to {MAX_EXTEND} times per direction, so "
-      "that the choice is bracketed; a choice still at an edge after that is flagged (the optimum may lie outside "
-      "the grid). RandLoRA sweeps its scaling alpha/r with the lr. The choice is made at "
-      f"{steps_sweep} steps and used for {steps_final}: a short sweep favours fast progress, so for the long "
-      "runs it is, if anything, on the high side; every method gets the same treatment, which is what the "
-      "comparison needs.\n")
-    rows = []
-    for key in METHODS:
-        if METHODS[key].lr_from:
-            rows.append([METHODS[key].label, f"no sweep of its own: the final runs take the choice of "
-                         f"{METHODS[METHODS[key].lr_from].label}, so that only the sharing of A differs", "–"])
-            continue
-        points = [s for s in sweep if s.method == key]
-        if not points:
-            continue
-        chosen = selection(records, sweep, key)
-        cells = []
-        for s in points:
-            rec = records.get(s.name)
-            value = "–" if rec is None else ("diverged" if rec.get("diverged") else f"{held(rec):.4f}")
-            tag = f"lr {s.lr:g}" + ("" if s.scaling is None else f", a/r {s.scaling:g}")
-            if chosen and chosen.get("run") == s.name:
-                value = f"**{value}**"
-            cells.append(f"{tag}: {value}")
-        note = "pending" if chosen is None else ("all diverged" if chosen.get("all_diverged") else
-                                                 f"lr {chosen['lr']:g}" + ("" if chosen["scaling"] is None else
-                                                                           f", a/r {chosen['scaling']:g}")
-                                                 + (" (grid edge)" if chosen["edge"] else ""))
-        rows.append([METHODS[key].label, "<br>".join(cells), note])
-    w(cs.table(["method", "held-out loss (selection split) per point", "chosen"], rows) + "\n")
 
-    w("## Held-out loss after the long runs\n")
-    base = records.get("base-test")
-    if base:
-        w(f"The untrained 4-bit base model has a test-split loss of {held(base):.4f}.\n")
+def sweep_cells(records: dict, sweep: list[RunSpec], key: str) -> list[str]:
+    """One method's row of the sweep table: its points with their selection loss (the chosen one in bold), and
+    the choice."""
+    chosen = selection(records, sweep, key)
+    cells = []
+    for s in (s for s in sweep if s.method == key):
+        rec = records.get(s.name)
+        value = "–" if rec is None else ("diverged" if rec.get("diverged") else f"{held(rec):.4f}")
+        tag = f"lr {s.lr:g}" + ("" if s.scaling is None else f", a/r {s.scaling:g}")
+        if chosen and chosen.get("run") == s.name:
+            value = f"**{value}**"
+        cells.append(f"{tag}: {value}")
+    note = "pending" if chosen is None else ("all diverged" if chosen.get("all_diverged") else
+                                             f"lr {chosen['lr']:g}" + ("" if chosen["scaling"] is None else
+                                                                       f", a/r {chosen['scaling']:g}")
+                                             + (" (grid edge)" if chosen["edge"] else ""))
+    return [METHODS[key].label, "<br>".join(cells), note]
+
+
+def sweep_section(args, records: dict, sweep: list[RunSpec]) -> list[str]:
+    steps_sweep = recorded(records, "steps", args.sweep_steps, lambda r: r["stage"] == "sweep")
+    steps_final = recorded(records, "steps", args.steps, lambda r: r["stage"] == "final")
     rows = []
-    for key in METHODS:
-        recs = final_records(records, key)
-        if not recs:
-            rows.append([METHODS[key].label] + ["–"] * 10)
-            continue
-        diffs = paired(recs, final_records(records, "lora")) if key != "lora" else []
-        d = [summary_of(r) for r in recs]
-        rows.append([
-            METHODS[key].label,
-            f"{recs[0]['lr']:g}" + ("" if recs[0].get("scaling") is None else f" (a/r {recs[0]['scaling']:g})"),
-            str(len(recs)),
-            mean_se([held(r) for r in recs], 4) + (f" ({sum(1 for r in recs if r.get('diverged'))} diverged)"
-                                                   if any(r.get("diverged") for r in recs) else ""),
-            mean_se(diffs, 4) if diffs else "–",
-            t_interval(diffs, 4) if diffs else "–",
-            mean_se([cs.mean_last(r["metrics"], "loss") for r in recs], 3),
-            mean_se([x.get("mean_rank") for x in d], 1),
-            mean_se([x.get("mean_effective_rank") for x in d], 1),
-            step_time_cell(recs),
-            mean_se(step_ratios(records, key), 2) if key != "lora" else "1",
-        ])
-    w("Δ vs LoRA is each seed's test loss minus LoRA's at the same seed (same data order), mean ± standard "
-      "error; the 95 % interval uses Student's t with n − 1 degrees of freedom (12.7 for two seeds), so a "
-      "difference *excludes 0* only when it is large against its spread between seeds. Negative: lower "
-      "loss than LoRA.\n")
-    w(cs.table(["method", "lr", "seeds", "held-out loss (test)", "Δ vs LoRA (paired)", "95 % interval of Δ",
-                "train loss (last 10)", "rank of ΔW", "erank", "step time (s)", "step time / LoRA's"], rows) + "\n")
-    w("Step times are medians per run, grouped by the CPU they ran on (the runs moved between machines with and "
-      "without AVX-512, and some trained two at a time: *CPU shared*); `step time / LoRA's` pairs each run with "
-      "LoRA's at the same seed on the same CPU, thread count and sharing, the only comparison of speed these "
-      "runs support.\n")
+    for key, m in METHODS.items():
+        if m.lr_from:
+            rows.append([m.label, f"no sweep of its own: the final runs take the choice of "
+                         f"{METHODS[m.lr_from].label}, so that only the sharing of A differs", "–"])
+        elif any(s.method == key for s in sweep):
+            rows.append(sweep_cells(records, sweep, key))
+    return [
+        "## Learning-rate sweep\n",
+        f"Held-out loss on the selection split after {steps_sweep} steps (seed {args.seeds[0]}); the chosen point "
+        "is in bold. Once every point of a method is done, its best point (the lowest loss over all its rows; a "
+        "row is one scaling) is checked: if it sits at an edge of its own row, that row alone gets the next "
+        f"value of the ladder {', '.join(f'{x:g}' for x in LR_LADDER)} beyond that edge, up to {MAX_EXTEND} "
+        "values beyond the row's initial grid per direction, and the check repeats; other rows are not extended, "
+        "whatever their own best. A choice still at an edge after that is flagged (the optimum may lie outside "
+        "the grid). RandLoRA sweeps its scaling alpha/r with the lr. The choice is made at "
+        f"{steps_sweep} steps and used for {steps_final}: a short sweep favours fast progress, so for the long "
+        "runs it is, if anything, on the high side; every method gets the same treatment, which is what the "
+        "comparison needs.\n",
+        study.table(["method", "held-out loss (selection split) per point", "chosen"], rows) + "\n",
+    ]
+
+
+def compared(records: dict) -> list[str]:
+    """The methods whose final runs are paired with LoRA's: the family of comparisons Bonferroni adjusts for."""
+    lora = final_records(records, "lora")
+    return [key for key in METHODS if key != "lora" and paired(final_records(records, key), lora)]
+
+
+def final_row(records: dict, key: str, comparisons: int) -> list[str]:
+    recs = final_records(records, key)
+    if not recs:
+        return [METHODS[key].label] + ["–"] * 11
+    diffs = paired(recs, final_records(records, "lora")) if key != "lora" else []
+    d = [summary_of(r) for r in recs]
+    return [
+        METHODS[key].label,
+        f"{recs[0]['lr']:g}" + ("" if recs[0].get("scaling") is None else f" (a/r {recs[0]['scaling']:g})"),
+        str(len(recs)),
+        mean_se([held(r) for r in recs], 4) + (f" ({sum(1 for r in recs if r.get('diverged'))} diverged)"
+                                               if any(r.get("diverged") for r in recs) else ""),
+        mean_se(diffs, 4) if diffs else "–",
+        t_interval(diffs, 4) if diffs else "–",
+        t_interval(diffs, 4, comparisons) if diffs else "–",
+        mean_se([study.mean_last(r["metrics"], "loss") for r in recs], 3),
+        mean_se([x.get("mean_rank") for x in d], 1),
+        mean_se([x.get("mean_effective_rank") for x in d], 1),
+        step_time_cell(recs),
+        mean_se(step_ratios(records, key), 2) if key != "lora" else "1",
+    ]
+
+
+def final_section(records: dict, docdir: Path) -> list[str]:
+    out = ["## Held-out loss after the long runs\n"]
+    if base := records.get("base-test"):
+        out.append(f"The untrained 4-bit base model has a test-split loss of {held(base):.4f}.\n")
+    m = len(compared(records))
+    rows = [final_row(records, key, m) for key in METHODS]
+    out.append("Δ vs LoRA is each seed's test loss minus LoRA's at the same seed (same data order), mean ± standard "
+               f"error; the 95 % interval uses Student's t with n − 1 degrees of freedom ({t_quantile(0.95, 1):.1f} "
+               "for two seeds), so a "
+               "difference *excludes 0* only when it is large against its spread between seeds. The "
+               f"Bonferroni interval reads the {m} comparisons with LoRA as one family: each is a "
+               f"{100 * (1 - 0.05 / max(m, 1)):.2f} % interval (t = {t_quantile(1 - 0.05 / max(m, 1), 1):.1f} for "
+               "two seeds), so that all of them together cover their true differences with 95 % probability. "
+               "Negative: lower loss than LoRA. Losses are means over every token of a record, prompt included.\n")
+    out.append(study.table(["method", "lr", "seeds", "held-out loss (test)", "Δ vs LoRA (paired)", "95 % interval of Δ",
+                            f"Bonferroni 95 % interval ({m} comparisons)", "train loss (last 10)", "rank of ΔW",
+                            "erank", "step time (s)", "step time / LoRA's"], rows) + "\n")
+    out.append("Step times are medians per run, grouped by the CPU they ran on (the runs moved between machines with "
+               "and without AVX-512, and some trained two at a time: *CPU shared*); `step time / LoRA's` pairs each "
+               "run with LoRA's at the same seed on the same CPU, thread count and sharing, the only comparison of "
+               "speed these runs support.\n")
     if plot_curves(records, docdir / "long-runs-loss.png"):
-        w("![training loss of the final runs](long-runs-loss.png)\n")
+        out.append("![training loss of the final runs](long-runs-loss.png)\n")
+    return out
 
-    w("## RM-LoRA: masking modes, regulariser weight, Table 5 analogue\n")
-    w("RM-LoRA paper, Table 5 (ViT-B/16's CIFAR-100 head there; the 150 projections of SmolLM2 here): LoRA, "
-      "GM-LoRA (masking only), R-LoRA (regulariser only) and RM-LoRA (both), plus RM-LoRA in the authors' "
-      "`grad_only` masking and with the regulariser weight swept in both norms (`squared`: eq. 10 as printed, "
-      "summed over layers; `frobenius`: the authors' code, unsquared and averaged). All RM-LoRA-family runs use "
-      "RM-LoRA (exact)'s chosen lr, except grad_only, which has its own. Means over the 150 layers from "
-      "`lrft inspect-rank`; `‖ΔWΔWᵀ−I‖²` is at least out − rank for a low-rank ΔW, so it mostly measures the "
-      "layer width; `‖AAᵀ−I‖²` and `‖BᵀB−I‖²` are the regulariser's own terms on the unscaled factors.\n")
+
+def table5_rows(sizes: dict, records: dict) -> list[tuple[str, list[dict]]]:
+    """(label, runs by seed) of Table 5's analogue: LoRA, GM-LoRA, R-LoRA, RM-LoRA in both masking modes, then
+    the regulariser-weight variants."""
     reg_labels = {f"reg-{name}": label for name, label, _ in reg_variants(sizes["rmlora-exact"]["sets"]["adapter.r"])}
-    t5 = [("final", "lora"), ("reg", "reg-gmlora"), ("reg", "reg-rlora"), ("final", "rmlora-exact"),
-          ("final", "rmlora-grad_only")]
-    t5 += [("reg", key) for key in reg_labels if key not in ("reg-gmlora", "reg-rlora")]
+    rows = [(METHODS["lora"].label, final_records(records, "lora"))]
+    rows += [(reg_labels[key], reg_records(records, key)) for key in ("reg-gmlora", "reg-rlora")]
+    rows += [(METHODS[key].label + f" (squared orth_reg {ORTH_REG:g})", final_records(records, key))
+             for key in ("rmlora-exact", "rmlora-grad_only")]
+    rows += [(label, reg_records(records, key)) for key, label in reg_labels.items()
+             if key not in ("reg-gmlora", "reg-rlora")]
+    return rows
+
+
+def width_floor(record: dict) -> Optional[float]:
+    """The mean over layers of out − rank: the part of ‖ΔWΔWᵀ − I‖² that the layer's width and ΔW's rank fix
+    (each zero singular value of the out × out ΔWΔWᵀ adds 1), whatever the update's singular values."""
+    layers = ((record.get("inspect") or {}).get("default") or {}).get("layers") or []
+    return statistics.mean(layer["shape"][0] - layer["rank"] for layer in layers) if layers else None
+
+
+def above_floor(record: dict) -> Optional[float]:
+    """The mean over layers of ‖ΔWΔWᵀ − I‖² − (out − rank) = Σ (σᵢ² − 1)²: how far ΔW's singular values are
+    from 1, the part that the regulariser and the masking can change."""
+    floor, orth = width_floor(record), summary_of(record).get("mean_orth_loss")
+    return None if floor is None or orth is None else orth - floor
+
+
+def table5_section(sizes: dict, records: dict) -> list[str]:
     rows = []
-    for stage, key in t5:
-        if stage == "final":
-            recs = final_records(records, key)
-            label = METHODS[key].label + ("" if key == "lora" else f" (squared orth_reg {ORTH_REG:g})")
-        else:
-            recs = reg_records(records, key)
-            label = reg_labels[key]
+    for label, recs in table5_rows(sizes, records):
         d, t = [summary_of(r) for r in recs], [summary_of(r, f"tol{RANK_TOL:g}") for r in recs]
-        reg_term = [cs.mean_last(r["metrics"], "extra_loss") if any("extra_loss" in m for m in r["metrics"]) else None
+        reg_term = [study.mean_last(r["metrics"], "extra_loss") if any("extra_loss" in m for m in r["metrics"]) else None
                     for r in recs]
         rows.append([label, str(len(recs)) if recs else "–", mean_se([held(r) for r in recs], 4),
                      mean_se([x.get("mean_rank") for x in d], 1), mean_se([x.get("mean_rank") for x in t], 1),
                      mean_se([x.get("mean_effective_rank") for x in d], 2), mean_se([x.get("mean_orth_loss") for x in d], 1),
+                     mean_se([above_floor(r) for r in recs], 1),
                      mean_se([x.get("mean_orth_loss_A") for x in d], 2), mean_se([x.get("mean_orth_loss_B") for x in d], 2),
                      mean_se(reg_term, 3)])
-    w(cs.table(["method", "seeds", "held-out loss (test)", "rank", f"rank@{RANK_TOL:g}", "erank", "‖ΔWΔWᵀ−I‖²",
-                "‖AAᵀ−I‖²", "‖BᵀB−I‖²", "reg. term (last 10)"], rows) + "\n")
+    floors = [f for _, recs in table5_rows(sizes, records) for r in recs if (f := width_floor(r)) is not None]
+    floor = f"{statistics.mean(floors):.1f}" if floors else "–"
+    # the rows where the width term is not most of the figure (mean over seeds)
+    above = [label for label, recs in table5_rows(sizes, records) if recs and all(width_floor(r) for r in recs)
+             and statistics.mean(map(width_floor, recs)) < statistics.mean(map(above_floor, recs))]
+    return [
+        "## RM-LoRA: masking modes, regulariser weight, Table 5 analogue\n",
+        "RM-LoRA paper, Table 5 (ViT-B/16's CIFAR-100 head there; the 150 projections of SmolLM2 here): LoRA, "
+        "GM-LoRA (masking only), R-LoRA (regulariser only) and RM-LoRA (both), plus RM-LoRA in the authors' "
+        "`grad_only` masking and with the regulariser weight swept in both norms (`squared`: eq. 10 as printed, "
+        "summed over layers; `frobenius`: the authors' code, unsquared and averaged). `exact` masking is lrft's "
+        "extension of Algorithm 1, not the paper's: masked entries keep their AdamW moments frozen too, with "
+        "per-direction bias correction (docs/adapters.md); the authors' code masks the gradient only "
+        "(`grad_only`). All RM-LoRA-family runs use RM-LoRA (exact)'s chosen lr, except grad_only, which has its "
+        "own. Means over the 150 layers from `lrft inspect-rank`. `‖ΔWΔWᵀ−I‖²` (out × out) is Σᵢ(σᵢ² − 1)² over "
+        "ΔW's non-zero singular values plus out − rank, one for each zero eigenvalue of ΔWΔWᵀ: with rank 16 that "
+        f"second part is {floor} on average over these layers, the same for every rank-16 run, and most of the "
+        f"figure in every row but {', '.join(above) or 'none'}; `above out − rank` is the first part, the one the "
+        "techniques can move. "
+        "`‖AAᵀ−I‖²` and `‖BᵀB−I‖²` are the regulariser's own terms on the unscaled factors.\n",
+        study.table(["method", "seeds", "held-out loss (test)", "rank", f"rank@{RANK_TOL:g}", "erank", "‖ΔWΔWᵀ−I‖²",
+                     "above out − rank", "‖AAᵀ−I‖²", "‖BᵀB−I‖²", "reg. term (last 10)"], rows) + "\n",
+    ]
 
-    w("## Commands\n")
-    w("Each run is `lrft train` on a shipped recipe with `--set` overrides (a rerun of an interrupted run adds "
-      "`--resume` in place of `--overwrite`), then `lrft eval --loss`, and for final and reg runs `lrft "
-      "inspect-rank` twice. One run per stage, from its result file:\n")
+
+def commands_section(records: dict) -> list[str]:
+    out = ["## Commands\n",
+           "Each run is `lrft train` on a shipped recipe with `--set` overrides (a rerun of an interrupted run adds "
+           "`--resume` in place of `--overwrite`), then `lrft eval --loss`, and for final and reg runs `lrft "
+           "inspect-rank` twice. One run per stage, from its result file:\n"]
     examples = [r for stage in ("sweep", "final", "reg", "base")
                 if (r := next((x for x in records.values() if x["stage"] == stage), None))]
-    if examples:
-        w("```")
-        for rec in examples:
-            w(f"# {rec['name']}")
-            for cmd in rec["commands"].values():
-                w(cmd)
-        w("```\n")
-    else:
-        w("No run has finished yet.\n")
-    text = "\n".join(out)
-    readings = ROOT / "experiments" / "long-readings.md"
-    if readings.exists():
-        reading = re.sub(r"<!--.*?-->\s*", "", readings.read_text(), flags=re.S)  # the note to its editors
-        text += "\n## Reading\n\n" + cs.fill_facts(reading, long_facts(records, sizes))
-    doc.write_text(text)
-    print(f"rendered {doc}", flush=True)
+    if not examples:
+        return out + ["No run has finished yet.\n"]
+    out.append("```")
+    for rec in examples:
+        out.append(f"# {rec['name']}")
+        out += list(rec["commands"].values())
+    return out + ["```\n"]
 
 
 def final_records(records: dict, key: str) -> list[dict]:
@@ -1268,11 +1366,8 @@ def paired(recs: list[dict], against: list[dict]) -> list[float]:
 
 def long_facts(records: dict, sizes: dict) -> dict[str, str]:
     """Every measured number experiments/long-readings.md quotes (``{{key}}``), from the result files, so
-    that the readings move with the results. Per final method (``-`` read as ``_``): lr, seeds, held (mean ±
-    se), delta and ci (paired to LoRA), rank, rank10 (rank@0.1), erank, orth, speed (step time over LoRA's on
-    the same CPU); per reg variant reg_<name>_held / _erank / _rank10 / _orth / _vs_lora (test loss minus
-    LoRA's final run at the same seed); paired contrasts keep_vs_shared and grad_vs_exact; ``order``: methods by mean test loss. A fact
-    without runs is left out and renders "–"."""
+    that the readings move with the results: ``final_facts``, ``loss_facts``, ``reg_facts`` and
+    ``table5_facts`` say which. A fact without runs is left out and renders "–"."""
     facts: dict[str, str] = {}
     facts["train_records"] = f"{sum(1 for line in (ROOT / TRAIN).read_text().splitlines() if line.strip()):,}"
     if final := [r for r in records.values() if r["stage"] == "final"]:
@@ -1280,33 +1375,81 @@ def long_facts(records: dict, sizes: dict) -> dict[str, str]:
         facts["steps"], facts["examples"] = str(settings["steps"]), str(settings["steps"] * settings["batch_size"])
     if "base-test" in records:
         facts["base"] = f"{held(records['base-test']):.4f}"
-    means = {}
+    if reg := [r for r in records.values() if r["stage"] == "reg"]:
+        facts["reg_seed"] = ", ".join(str(seed) for seed in sorted({r["seed"] for r in reg}))
+    lora, lora2 = sizes["lora"]["sets"], sizes["lora2"]["sets"]
+    facts.update(lora_r=str(lora["adapter.r"]), lora2_r=str(lora2["adapter.r"]), lora2_target_r=str(lora2["adapter.target_r"]))
     for key in METHODS:
-        recs = final_records(records, key)
-        if not recs:
-            continue
-        short = key.replace("-", "_")
-        losses = [held(r) for r in recs]
-        means[key] = statistics.mean(losses)
-        d = [summary_of(r) for r in recs]
-        facts.update({
-            f"lr_{short}": f"{recs[0]['lr']:g}", f"seeds_{short}": str(len(recs)), f"held_{short}": mean_se(losses, 4),
-            f"rank_{short}": mean_se([x.get("mean_rank") for x in d], 1),
-            f"erank_{short}": mean_se([x.get("mean_effective_rank") for x in d], 1),
-            f"rank10_{short}": mean_se([summary_of(r, f"tol{RANK_TOL:g}").get("mean_rank") for r in recs], 1),
-            f"orth_{short}": mean_se([x.get("mean_orth_loss") for x in d], 1),
-        })
-        if key != "lora" and (ratios := step_ratios(records, key)):
-            facts[f"speed_{short}"] = mean_se(ratios, 2)
-        if key != "lora" and (diffs := paired(recs, final_records(records, "lora"))):
-            facts[f"delta_{short}"], facts[f"ci_{short}"] = mean_se(diffs, 4), t_interval(diffs, 4)
+        facts.update(final_facts(records, key))
+    facts.update(loss_facts(records))
+    facts.update(reg_facts(records, sizes))
+    facts.update(table5_facts(sizes, records))
+    return facts
+
+
+def final_facts(records: dict, key: str) -> dict[str, str]:
+    """One final method's facts (``-`` of its key read as ``_``): lr, seeds, held (mean ± se), rank, bound (the
+    structure's rank bound), rank10 (rank@0.1), erank (erank2: two digits), orth, speed (step time over LoRA's
+    on the same CPU), delta (paired to LoRA), ci (its 95 % interval) and bci (Bonferroni-adjusted)."""
+    recs = final_records(records, key)
+    if not recs:
+        return {}
+    short = key.replace("-", "_")
+    d = [summary_of(r) for r in recs]
+    facts = {
+        f"lr_{short}": f"{recs[0]['lr']:g}", f"seeds_{short}": str(len(recs)),
+        f"held_{short}": mean_se([held(r) for r in recs], 4),
+        f"rank_{short}": mean_se([x.get("mean_rank") for x in d], 1),
+        f"erank_{short}": mean_se([x.get("mean_effective_rank") for x in d], 1),
+        f"erank2_{short}": mean_se([x.get("mean_effective_rank") for x in d], 2),
+        f"rank10_{short}": mean_se([summary_of(r, f"tol{RANK_TOL:g}").get("mean_rank") for r in recs], 1),
+        f"orth_{short}": mean_se([x.get("mean_orth_loss") for x in d], 1),
+    }
+    if bounds := [x["mean_rank_bound"] for x in d if "mean_rank_bound" in x]:  # structural: no ± shown
+        facts[f"bound_{short}"] = f"{statistics.mean(bounds):.1f}"
+    if key != "lora" and (ratios := step_ratios(records, key)):
+        facts[f"speed_{short}"] = mean_se(ratios, 2)
+    if key != "lora" and (diffs := paired(recs, final_records(records, "lora"))):
+        facts.update({f"delta_{short}": mean_se(diffs, 4), f"ci_{short}": t_interval(diffs, 4),
+                      f"bci_{short}": t_interval(diffs, 4, len(compared(records)))})
+    return facts
+
+
+def loss_facts(records: dict) -> dict[str, str]:
+    """``order`` (methods by mean test loss) and ``held_range`` (the lowest and highest mean); ``t95``, the
+    95 % t factor of LoRA's seeds; the family of comparisons with LoRA: ``comparisons``, each interval's
+    Bonferroni ``bonferroni_level`` and ``bonferroni_t`` (two seeds), ``favour_lora`` (how many of the paired
+    differences are positive, e.g. "12 of 12"), ``bci_excluding`` (the methods whose Bonferroni interval
+    excludes 0); paired contrasts keep_vs_shared, grad_vs_exact, keep_vs_dense with their ci_."""
+    facts: dict[str, str] = {}
+    means = {key: statistics.mean(held(r) for r in recs) for key in METHODS if (recs := final_records(records, key))}
+    if means:
+        facts["order"] = " < ".join(METHODS[k].label for k in sorted(means, key=means.get))
+        facts["held_range"] = f"{min(means.values()):.4f} to {max(means.values()):.4f}"
+    if (seeds := len(final_records(records, "lora"))) > 1:
+        facts["t95"] = f"{t_quantile(0.95, seeds - 1):.1f}"
+    if keys := compared(records):
+        diffs = [d for key in keys for d in paired(final_records(records, key), final_records(records, "lora"))]
+        level = 1 - 0.05 / len(keys)
+        facts.update({"comparisons": str(len(keys)), "bonferroni_level": f"{100 * level:.2f} %",
+                      "bonferroni_t": f"{t_quantile(level, 1):.1f}",
+                      "favour_lora": f"{sum(1 for d in diffs if d > 0)} of {len(diffs)}"})
+        lora = final_records(records, "lora")
+        excluding = [METHODS[key].label for key in keys if len(d := paired(final_records(records, key), lora)) > 1
+                     and abs(statistics.mean(d)) > t_half_width(d, len(keys))]
+        facts["bci_excluding"] = ", ".join(excluding) or "none"
     for name, (key, against) in {"keep_vs_shared": ("randlora-sparse-keep", "randlora-sparse-shared"),
                                  "grad_vs_exact": ("rmlora-grad_only", "rmlora-exact"),
                                  "keep_vs_dense": ("randlora-sparse-keep", "randlora")}.items():
         if diffs := paired(final_records(records, key), final_records(records, against)):
             facts[name], facts[f"ci_{name}"] = mean_se(diffs, 4), t_interval(diffs, 4)
-    if means:
-        facts["order"] = " < ".join(METHODS[k].label for k in sorted(means, key=means.get))
+    return facts
+
+
+def reg_facts(records: dict, sizes: dict) -> dict[str, str]:
+    """Per reg variant: reg_<name>_held / _erank / _rank10 / _orth / _vs_lora (test loss minus LoRA's final
+    run at the same seed)."""
+    facts: dict[str, str] = {}
     for name, _, _ in reg_variants(sizes["rmlora-exact"]["sets"]["adapter.r"]):
         recs = reg_records(records, f"reg-{name}")
         if not recs:
@@ -1319,6 +1462,27 @@ def long_facts(records: dict, sizes: dict) -> dict[str, str]:
                       f"{short}_orth": mean_se([x.get("mean_orth_loss") for x in d], 1)})
         if diffs := paired(recs, final_records(records, "lora")):
             facts[f"{short}_vs_lora"] = mean_se(diffs, 4)
+    return facts
+
+
+def table5_facts(sizes: dict, records: dict) -> dict[str, str]:
+    """Table 5's four rows (LoRA, GM-LoRA, R-LoRA, RM-LoRA exact) ordered by each measure, low to high, with
+    their means over seeds: t5_order_rank10, t5_order_erank, t5_order_orth; ``orth_floor``: the mean over
+    runs and layers of out − rank, the part of ‖ΔWΔWᵀ − I‖² that width and rank fix."""
+    rows = {"LoRA": final_records(records, "lora"), "GM-LoRA": reg_records(records, "reg-gmlora"),
+            "R-LoRA": reg_records(records, "reg-rlora"), "RM-LoRA": final_records(records, "rmlora-exact")}
+    if not all(rows.values()):
+        return {}
+    measures = {"rank10": (lambda r: summary_of(r, f"tol{RANK_TOL:g}").get("mean_rank"), 1),
+                "erank": (lambda r: summary_of(r).get("mean_effective_rank"), 2),
+                "orth": (lambda r: summary_of(r).get("mean_orth_loss"), 1)}
+    facts = {}
+    for name, (value, digits) in measures.items():
+        means = {label: statistics.mean(value(r) for r in recs) for label, recs in rows.items()}
+        facts[f"t5_order_{name}"] = " < ".join(f"{label} {means[label]:.{digits}f}" for label in sorted(means, key=means.get))
+    floors = [f for recs in rows.values() for r in recs if (f := width_floor(r)) is not None]
+    if floors:
+        facts["orth_floor"] = f"{statistics.mean(floors):.1f}"
     return facts
 
 
@@ -1406,6 +1570,8 @@ def parse_args(argv: Optional[list[str]] = None):
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    study.ensure(results_dir(args))  # every finished run, so that nothing is run again
+    study.ensure(ROOT / args.pilot_results)
     sizes = matched_sizes()
     off = [k for k, s in sizes.items() if abs(s["rel"]) > PARAM_TOL]
     if off:

@@ -22,7 +22,10 @@ also guarantees that the prompt training sees before each turn is exactly what i
 turn's end-of-turn token is in the span). A template that does not render prefixes stably is refused,
 naming the record.
 
-Records with no target token left (all masked, or truncated before the first) are skipped and counted.
+Every format is one entry of the registry :data:`FORMATS` (:class:`DataFormat`: its example function, a
+sample record, its template and defaults); the recipe's ``data.format`` accepts the registry's names, so a new
+format is one function and one entry. Records with no target token left (all masked, or truncated before the
+first) are skipped and counted.
 
 Packing (``data.packing``)
 --------------------------
@@ -42,7 +45,7 @@ import json
 from bisect import bisect_left, insort
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -50,7 +53,6 @@ from .errors import UserError
 from .packed_attention import NAME as PACKED_ATTENTION
 
 IGNORE_INDEX = -100
-FORMATS = ("commonsense", "alpaca", "completion", "messages")
 
 # LLM-Adapters finetune.py templates (training). The odd indentation is part of the published format.
 COMMONSENSE_TRAIN = (
@@ -99,12 +101,10 @@ ALPACA_WITH_INPUT = (
 
 def training_text(record: dict, fmt: str, with_output: bool = True) -> str:
     """The full training text of a record, or only its prompt part (``with_output=False``)."""
-    if fmt == "commonsense":
-        template = COMMONSENSE_TRAIN_WITH_INPUT if record.get("input") else COMMONSENSE_TRAIN
-    elif fmt == "alpaca":
-        template = ALPACA_WITH_INPUT if record.get("input") else ALPACA
-    else:
+    templates = FORMATS[fmt].templates if fmt in FORMATS else None
+    if templates is None:
         raise ValueError(fmt)
+    template = templates[1] if record.get("input") else templates[0]
     return template.format(
         instruction=record["instruction"], input=record.get("input", ""), output=record["output"] if with_output else ""
     )
@@ -112,8 +112,6 @@ def training_text(record: dict, fmt: str, with_output: bool = True) -> str:
 
 def eval_prompt(instruction: str) -> str:
     return COMMONSENSE_EVAL.format(instruction=instruction)
-
-
 
 
 # --- reading files ------------------------------------------------------------------------------------
@@ -300,7 +298,7 @@ def chat_template(section, tokenizer, model_name: str) -> Optional[str]:
     if value is None:
         if not getattr(tokenizer, "chat_template", None):
             raise UserError(
-                f"data.format=messages needs a chat template and the tokenizer of {model_name} has none; set "
+                f"data.format={section.format} needs a chat template and the tokenizer of {model_name} has none; set "
                 "data.chat_template to a .jinja file or a Jinja string"
             )
         return None
@@ -319,7 +317,7 @@ def has_targets(example: dict) -> bool:
 
 def check_cutoff(tokenizer, fmt: str, cutoff_len: int) -> None:
     """Refuse a cutoff that cannot hold even the empty template: every label would be cut off."""
-    if fmt not in ("commonsense", "alpaca"):
+    if fmt not in FORMATS or FORMATS[fmt].templates is None:
         return
     empty = training_text({"instruction": "", "input": "", "output": ""}, fmt)
     n = len(tokenizer(empty)["input_ids"])
@@ -328,6 +326,49 @@ def check_cutoff(tokenizer, fmt: str, cutoff_len: int) -> None:
             f"data.cutoff_len={cutoff_len} is shorter than the {fmt} prompt template alone ({n} tokens); "
             f"raise data.cutoff_len (the published runs use 256)"
         )
+
+
+# --- the format registry ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    """One ``data.format``: how a record becomes an example ``{input_ids, labels}`` (labels: the input ids, or
+    IGNORE_INDEX where no loss is taken). Adding a format is one ``example`` function and one entry in
+    :data:`FORMATS`; the recipe's ``data.format`` accepts the registry's names."""
+
+    name: str
+    # (record, tokenizer, data section, chat template or None) -> example; raises RecordError on a bad record
+    example: Callable[[Any, Any, Any, Optional[str]], dict]
+    sample: dict  # a minimal valid record: documents the format; the tests check every format's contract on it
+    templates: Optional[tuple[str, str]] = None  # instruction formats: the training template without / with input
+    chat: bool = False  # rendered with a chat template: data.chat_template and data.train_on apply to it
+    train_on_inputs: bool = True  # the default of data.train_on_inputs (a chat format uses data.train_on)
+
+
+def _instruction_example(record: Any, tokenizer, section, template: Optional[str]) -> dict:
+    return tokenize_record(record, tokenizer, section.format, section.cutoff_len, section.train_on_inputs)
+
+
+def _completion_example(record: Any, tokenizer, section, template: Optional[str]) -> dict:
+    return tokenize_completion(record, tokenizer, section.cutoff_len, section.train_on_inputs)
+
+
+def _messages_example(record: Any, tokenizer, section, template: Optional[str]) -> dict:
+    return tokenize_conversation(conversation(record), tokenizer, template, section.cutoff_len, section.train_on)
+
+
+_INSTRUCTION_SAMPLE = {"instruction": "Is the sky blue?", "input": "", "output": "the correct answer is true"}
+FORMATS: dict[str, DataFormat] = {f.name: f for f in [
+    DataFormat("commonsense", _instruction_example, _INSTRUCTION_SAMPLE, (COMMONSENSE_TRAIN, COMMONSENSE_TRAIN_WITH_INPUT)),
+    DataFormat("alpaca", _instruction_example, _INSTRUCTION_SAMPLE, (ALPACA, ALPACA_WITH_INPUT)),
+    DataFormat("completion", _completion_example, {"prompt": "Q: What is the capital of France?\nA:",
+                                                       "completion": " Paris, on the Seine."},
+               train_on_inputs=False),
+    DataFormat("messages", _messages_example, {"messages": [{"role": "user", "content": "Is the sky blue?"},
+                                                            {"role": "assistant", "content": "Yes, on a clear day."}]},
+               chat=True),
+]}
 
 
 @dataclass
@@ -343,16 +384,11 @@ class RecordToExample:
 
     def __init__(self, section, tokenizer, model_name: str):
         self.section, self.tokenizer = section, tokenizer
-        self.template = chat_template(section, tokenizer, model_name) if section.format == "messages" else None
+        self.format = FORMATS[section.format]
+        self.template = chat_template(section, tokenizer, model_name) if self.format.chat else None
 
     def __call__(self, record: Any) -> Optional[dict]:
-        s, tok = self.section, self.tokenizer
-        if s.format == "messages":
-            example = tokenize_conversation(conversation(record), tok, self.template, s.cutoff_len, s.train_on)
-        elif s.format == "completion":
-            example = tokenize_completion(record, tok, s.cutoff_len, s.train_on_inputs)
-        else:
-            example = tokenize_record(record, tok, s.format, s.cutoff_len, s.train_on_inputs)
+        example = self.format.example(record, self.tokenizer, self.section, self.template)
         return example if has_targets(example) else None
 
     def many(self, records: list, indices: list[int]) -> list[dict]:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from .adapters import get_adapter, known_types
 from .adapters.base import AdapterConfig
+from .data import FORMATS as DATA_FORMATS
 from .errors import UserError
 
 
@@ -48,7 +49,7 @@ class QuantizationSection(Section):
 
 class DataSection(Section):
     path: str = Field(..., description="a .json/.jsonl/.parquet file, a folder of them, or a hub dataset id")
-    format: Literal["commonsense", "alpaca", "completion", "messages"] = "commonsense"
+    format: Literal[tuple(DATA_FORMATS)] = "commonsense"  # the registry's names (lrft/data.py)
     cutoff_len: int = Field(256, ge=8)
     train_on_inputs: bool = Field(True, description="loss on the prompt too (commonsense, alpaca: true as published; completion: false)")
     train_on: Literal["assistant", "last_assistant", "all"] = Field("assistant", description="messages: which tokens carry loss")
@@ -61,13 +62,15 @@ class DataSection(Section):
 
     @model_validator(mode="after")
     def _options_fit_the_format(self):
+        fmt = DATA_FORMATS[self.format]
         chat_only = [k for k in ("train_on", "chat_template") if k in self.model_fields_set]
-        if self.format != "messages" and chat_only:
-            raise ValueError(f"data.{chat_only[0]} applies to data.format: messages only; remove it or change the format")
-        if self.format == "messages" and "train_on_inputs" in self.model_fields_set:
-            raise ValueError("data.train_on_inputs does not apply to data.format: messages; use data.train_on (assistant, last_assistant or all)")
-        if self.format == "completion" and "train_on_inputs" not in self.model_fields_set:
-            self.train_on_inputs = False  # completions are trained on the completion by default
+        if not fmt.chat and chat_only:
+            chat = " or ".join(name for name, f in DATA_FORMATS.items() if f.chat)
+            raise ValueError(f"data.{chat_only[0]} applies to data.format: {chat} only; remove it or change the format")
+        if fmt.chat and "train_on_inputs" in self.model_fields_set:
+            raise ValueError(f"data.train_on_inputs does not apply to data.format: {self.format}; use data.train_on (assistant, last_assistant or all)")
+        if "train_on_inputs" not in self.model_fields_set and self.train_on_inputs != fmt.train_on_inputs:
+            self.train_on_inputs = fmt.train_on_inputs  # the format's default (completion: the completion only)
         if self.packing and self.group_by_length:
             raise ValueError("data.group_by_length applies to unpacked runs; packing already leaves no padding: drop one")
         return self

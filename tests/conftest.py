@@ -9,10 +9,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def load_script(relative: str, name: str):
     """A script of the repository (benchmarks/, experiments/) imported as module ``name``, registered in
-    sys.modules (dataclasses look their module up there)."""
+    sys.modules (dataclasses look their module up there), its folder on sys.path as when it runs (the
+    studies import experiments/study.py); appended, so that no script shadows a module."""
     import importlib.util
     import sys
 
+    folder = str((ROOT / relative).parent)
+    if folder not in sys.path:
+        sys.path.append(folder)
     spec = importlib.util.spec_from_file_location(name, ROOT / relative)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -23,6 +27,18 @@ SHARED = ROOT.parent / "shared"
 # Tests never reach the network; the embedded model is converted once per test session.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests of the studies in experiments/ (marker ``study``) run only when a -m expression names them
+    (``make study-test``: -m study); ``make test`` and any other selection leave them out, so a clone of main
+    without the results branch tests the product alone."""
+    if "study" in (config.getoption("markexpr") or ""):
+        return
+    studies = [item for item in items if item.get_closest_marker("study")]
+    if studies:
+        config.hook.pytest_deselected(items=studies)
+        items[:] = [item for item in items if not item.get_closest_marker("study")]
 
 
 @pytest.fixture(scope="session", autouse=True)

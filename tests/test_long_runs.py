@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import long_runs as lr  # noqa: E402
 
 from lrft.recipe import load_recipe  # noqa: E402
+
+pytestmark = pytest.mark.study
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +56,12 @@ def test_matched_parameter_counts(sizes):
     assert sizes["randlora-sparse-keep"]["params"] == sizes["randlora"]["params"]  # keep_rank: same count
     assert sizes["rmlora-exact"]["params"] == sizes["lora"]["params"]
     assert sizes["lora2"]["sets"]["adapter.k"] == 16
-    # the counts lrft train reported for the same configurations in the pilot's run.json
+    # the counts lrft train reported for the same configurations in the pilot's run.json (results branch)
+    lr.study.ensure(lr.study.RESULTS)
     pilot = {"lora-r16": "lora", "randlora-r10": "randlora", "lora2-k16-R16": "lora2", "rmlora-r16": "rmlora-exact"}
     for name, key in pilot.items():
-        path = ROOT / "experiments" / "results" / f"{name}-s42.json"
-        if path.exists():
-            assert json.loads(path.read_text())["run"]["trainable_parameters"] == sizes[key]["params"], name
+        path = lr.study.RESULTS / f"{name}-s42.json"
+        assert json.loads(path.read_text())["run"]["trainable_parameters"] == sizes[key]["params"], name
 
 
 def test_every_planned_run_is_a_valid_recipe(tmp_path, sizes):
@@ -216,6 +219,21 @@ def test_t_interval_of_paired_differences():
     assert lr.t_interval([0.01], 4) == "–"  # one seed: no interval
 
 
+def test_student_t_quantiles_and_the_bonferroni_interval():
+    # the printed table of two-sided 95 % and 99 % points, and large df near the normal's 1.96
+    for df, t95, t99 in [(1, 12.706, 63.657), (2, 4.303, 9.925), (3, 3.182, 5.841), (4, 2.776, 4.604),
+                         (9, 2.262, 3.250), (30, 2.042, 2.750)]:
+        assert lr.t_quantile(0.95, df) == pytest.approx(t95, abs=1e-3)
+        assert lr.t_quantile(0.99, df) == pytest.approx(t99, abs=1e-3)
+    assert lr.t_quantile(0.95, 1000) == pytest.approx(1.962, abs=1e-3)
+    # six comparisons read together: each interval at 1 − 0.05/6; with one df t = tan(π/2 · (1 − 0.05/6))
+    bonferroni = math.tan(math.pi / 2 * (1 - 0.05 / 6))
+    diffs = [0.028, 0.030]
+    half = bonferroni * (0.002 / math.sqrt(2)) / math.sqrt(2)
+    assert lr.t_interval(diffs, 4, comparisons=6) == f"[{0.029 - half:+.4f}, {0.029 + half:+.4f}] (includes 0)"
+    assert lr.t_interval(diffs, 4).endswith("(excludes 0)")  # the same pair read alone
+
+
 def test_reading_facts_pair_each_seed_with_lora_and_leave_missing_runs_out(sizes):
     def rec(name, stage, method, seed, loss):
         return {"name": name, "stage": stage, "method": method, "seed": seed, "lr": 3e-3, "metrics": [],
@@ -235,8 +253,24 @@ def test_reading_facts_pair_each_seed_with_lora_and_leave_missing_runs_out(sizes
     assert facts["reg_gmlora_vs_lora"] == "0.0100"  # paired with LoRA's seed-42 final run (1.00)
     assert facts["examples"] == "800"
     assert "keep_vs_shared" not in facts  # no shared-A run: the reading shows "–"
-    text = lr.cs.fill_facts("Δ {{delta_randlora}}, {{keep_vs_shared}}", facts)
+    # the family of comparisons with LoRA: randlora (two seeds) and keep_rank (one), every difference positive
+    assert facts["comparisons"] == "2" and facts["favour_lora"] == "3 of 3" and facts["t95"] == "12.7"
+    assert facts["bci_randlora"] == lr.t_interval([0.03, 0.04], 4, comparisons=2)
+    assert facts["bci_excluding"] == "none" and facts["held_range"] == "1.0100 to 1.0450"
+    assert "bound_lora" not in facts and facts["lora_r"] == "16" and facts["lora2_target_r"] == "8"
+    text = lr.study.fill_facts("Δ {{delta_randlora}}, {{keep_vs_shared}}", facts)
     assert text == "Δ 0.0350 ± 0.0050, –"
+
+
+def test_the_width_term_of_the_orthogonality_loss_is_split_off():
+    # out × out ΔWΔWᵀ: Σ (σ² − 1)² over the non-zero σ plus one per zero eigenvalue (out − rank)
+    layers = [{"shape": [576, 576], "rank": 16}, {"shape": [192, 576], "rank": 16}]
+    sigma_part = [3.0, 5.0]  # Σ (σ² − 1)² of each layer
+    orth = statistics.mean(s + shape[0] - 16 for s, shape in zip(sigma_part, ([576], [192])))
+    record = {"inspect": {"default": {"layers": layers, "summary": {"overall": {"mean_orth_loss": orth}}}}}
+    assert lr.width_floor(record) == pytest.approx((560 + 176) / 2)
+    assert lr.above_floor(record) == pytest.approx(4.0)
+    assert lr.width_floor({}) is None and lr.above_floor({}) is None
 
 
 def test_step_times_compare_only_on_the_same_cpu():

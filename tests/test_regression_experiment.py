@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import load_script
 
-
+pytestmark = pytest.mark.study
 
 @pytest.fixture(scope="module")
 def reg():
