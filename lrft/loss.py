@@ -91,7 +91,7 @@ class HeadCrossEntropy(torch.autograd.Function):
         loss_dtype = torch.promote_types(hidden.dtype, torch.float32)
         total = torch.zeros((), dtype=loss_dtype, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+        rows = chunk_rows(weight.shape[0])
         for start in range(0, hidden.shape[0], rows):
             chunk, target = hidden[start : start + rows], targets[start : start + rows, None]
             logits = F.linear(chunk, weight, bias).to(loss_dtype)
@@ -110,17 +110,28 @@ class HeadCrossEntropy(torch.autograd.Function):
         return grad * grad_total.to(grad.dtype), None, None, None
 
 
-def use_loss_head(model) -> bool:
-    """Put a :class:`LossHead` in place of ``model``'s output head where that is exact (see the module's
-    docstring); True when it did (or one is already there)."""
+def fits_loss_head(model) -> bool:
+    """Whether a :class:`LossHead` computes ``model``'s loss exactly (see the module's docstring)."""
     head = model.get_output_embeddings()
     if isinstance(head, LossHead):
         return True
     plain = type(head) is nn.Linear and not head.weight.requires_grad
-    if not plain or getattr(model.config, "model_type", None) not in PLAIN_HEAD_MODELS:
+    return plain and getattr(model.config, "model_type", None) in PLAIN_HEAD_MODELS
+
+
+def use_loss_head(model) -> bool:
+    """Put a :class:`LossHead` in place of ``model``'s output head where that is exact; True when it did
+    (or one is already there)."""
+    if not fits_loss_head(model):
         return False
-    model.set_output_embeddings(LossHead(head))
+    if not isinstance(model.get_output_embeddings(), LossHead):
+        model.set_output_embeddings(LossHead(model.get_output_embeddings()))
     return True
+
+
+def chunk_rows(vocab: int) -> int:
+    """Positions whose logits one chunk holds."""
+    return max(1, CHUNK_BYTES // (4 * vocab))
 
 
 def loss_head(model) -> Optional[LossHead]:

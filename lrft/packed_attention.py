@@ -21,6 +21,8 @@ import torch
 from torch.nn import functional as F
 
 NAME = "lrft_packed_sdpa"
+# torch 2.5 added SDPA's enable_gqa; before it the key and value heads are repeated (a copy each layer keeps)
+GQA_IN_SDPA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 def segment_bounds(position_ids: torch.Tensor) -> Optional[list[int]]:
@@ -42,14 +44,19 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     bounds = segment_bounds(kwargs.get("position_ids"))
     if bounds is None or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    groups = getattr(module, "num_key_value_groups", query.shape[1] // key.shape[1])
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    grouped = {}
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: SDPA reads the shared heads itself
+        if GQA_IN_SDPA:
+            grouped["enable_gqa"] = True
+        else:
+            groups = query.shape[1] // key.shape[1]
+            key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     dropout = dropout if module.training else 0.0
     # split, not slices: the backward of a split is one concatenation, that of each slice a zero-filled
     # full-length gradient
     lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     outputs = [
-        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, **grouped)
         for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None

@@ -37,7 +37,6 @@ import math
 import random
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -48,7 +47,8 @@ from .data import (
 )
 from .errors import UserError
 from .inject import count_trainable, find_targets, inject_adapters, trainable_parameters
-from .model import Dtypes, build_meta_model, default_device, is_linear, load_tokenizer, resolve_model_path
+from .loss import chunk_rows, fits_loss_head
+from .model import Dtypes, build_meta_model, default_device, is_linear, load_tokenizer
 from .recipe import Recipe
 
 MB = 2**20
@@ -325,22 +325,6 @@ def training_runtime_mb(recipe: Recipe) -> float:
     return resident_mb()
 
 
-def checkpoint_page_bytes(recipe: Recipe, model, load_dtype: torch.dtype) -> float:
-    """The checkpoint's file pages a CPU run keeps resident: loaded in its own dtype, the unquantized
-    weights (embeddings, norms) stay views of the memory-mapped safetensors files, so every page the load
-    read stays mapped. The files' size, looked up; the parameter count times the dtype's size for a hub
-    id; 0 when the load converts the dtype (the weights are copies and the mapping goes)."""
-    stored = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
-    stored = getattr(torch, stored) if isinstance(stored, str) else stored
-    if stored != load_dtype:
-        return 0.0
-    folder = Path(resolve_model_path(recipe.model.name_or_path))
-    files = list(folder.glob("*.safetensors")) if folder.is_dir() else []
-    if files:
-        return float(sum(f.stat().st_size for f in files))
-    return float(sum(p.numel() for p in model.parameters() if not p.requires_grad) * load_dtype.itemsize)
-
-
 @contextmanager
 def _autocast_off_on_meta():
     """Adapters that switch autocast off inside their forward (RandLoRA) cannot name the meta device."""
@@ -410,39 +394,48 @@ class Shapes:
     hidden: int
     intermediate: int
     heads: int
+    kv_heads: int
     head_dim: int
     vocab: int
     rows: int
     width: int
     act_bytes: int  # bytes per activation element (the compute dtype)
-    masked: bool = True  # SDPA gets a mask (packed rows attend per example, without one)
+    loss_head: bool  # the loss goes through lrft.loss.LossHead, a chunk of logits at a time
 
     @classmethod
     def of(cls, model, largest: tuple[int, int], act_bytes: int) -> "Shapes":
         c = model.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return cls(c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, head_dim, c.vocab_size, *largest, act_bytes)
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return cls(
+            c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, kv_heads, head_dim, c.vocab_size,
+            *largest, act_bytes, fits_loss_head(model),
+        )
 
     @property
     def tokens(self) -> int:
         return self.rows * self.width
 
 
-def block_bytes(s: Shapes, cpu: bool) -> float:
+def block_bytes(s: Shapes) -> float:
     """Activations one decoder layer's base saves for the backward (Llama layout; frozen and quantized
-    linears save none): both RMSNorm inputs; SDPA's query, key and value (repeated to every head) and
-    output, and its float32 log-sum-exp; the MLP's gate, activation and up outputs; on the CPU also the
-    float attention mask SDPA keeps per layer."""
-    per_token = (2 * s.hidden + 4 * s.heads * s.head_dim + 3 * s.intermediate) * s.act_bytes + 4 * s.heads
-    mask = 4 * s.rows * s.width**2 if cpu and s.masked else 0
-    return per_token * s.tokens + mask
+    linears save none): both RMSNorm inputs; SDPA's query, key and value (grouped key and value heads
+    once: training batches attend without a mask, so SDPA reads the shared heads itself) and output, and
+    its float32 log-sum-exp; the MLP's gate, activation and up outputs."""
+    attention = (2 * s.heads + 2 * s.kv_heads) * s.head_dim
+    per_token = (2 * s.hidden + attention + 3 * s.intermediate) * s.act_bytes + 4 * s.heads
+    return per_token * s.tokens
 
 
 def logits_bytes(s: Shapes) -> float:
-    """The logits' copies alive at once in the loss: the head's output, its float32 upcast (16-bit logits only)
-    and the log-softmax output."""
+    """The logits alive at once in the loss: the head's output, its float32 upcast (16-bit logits only) and
+    the log-softmax (or log-sum-exp) temporary. Through the loss head, one chunk's worth, and the gradient
+    of the labelled positions' hidden states it keeps for the backward (at most every position's)."""
     upcast = 4 if s.act_bytes < 4 else 0
-    return float(s.tokens * s.vocab * (s.act_bytes + upcast + 4))
+    if not s.loss_head:
+        return float(s.tokens * s.vocab * (s.act_bytes + upcast + 4))
+    chunk = min(s.tokens, chunk_rows(s.vocab))
+    return float(chunk * s.vocab * (s.act_bytes + upcast + 4) + s.tokens * s.hidden * s.act_bytes)
 
 
 def activation_terms(s: Shapes, layer: float, checkpointing: bool, cpu: bool) -> dict[str, float]:
@@ -462,15 +455,13 @@ def resident_terms(recipe: Recipe, model, base: BaseWeights, figures: DataFigure
     """The terms that do not depend on the micro-batch (bytes): runtime, data, weights, adapter and AdamW."""
     adapter = count_trainable_in(model) * 16 + shared_bytes(model)  # fp32 weight + grad + two AdamW moments
     unquantized = (base.total - base.quantized) * load.itemsize
+    weights = {"base_weights": base.quantized_bytes() + unquantized, "adapter_and_optimizer": adapter}
     if not cpu:  # device memory holds the weights and the adapter; the host's runtime and data do not count
-        return {"base_weights": base.quantized_bytes() + unquantized, "adapter_and_optimizer": adapter}
-    pages = checkpoint_page_bytes(recipe, model, load)
+        return weights
     return {
         "runtime_and_tokenizer": runtime_mb * MB,
         "tokenized_data": TOKEN_LIST_BYTES[figures.packed] * figures.total_tokens,
-        "checkpoint_pages": pages,
-        "base_weights": base.quantized_bytes() + (0.0 if pages else unquantized),
-        "adapter_and_optimizer": adapter,
+        **weights,
     }
 
 
@@ -484,9 +475,8 @@ def peak_memory(recipe: Recipe, model, layers: dict, base: BaseWeights, figures:
     cpu = device.type != "cuda"
     dtypes = Dtypes.resolve(recipe.model, recipe.quantization, device)
     s = Shapes.of(model, figures.largest, dtypes.compute.itemsize)
-    s.masked = not figures.packed
     adapters = adapter_activation_bytes(model, layers, s.tokens) * (s.act_bytes / 4)  # measured in float32
-    layer = block_bytes(s, cpu) + adapters / s.layers
+    layer = block_bytes(s) + adapters / s.layers
     fixed = resident_terms(recipe, model, base, figures, runtime_mb, cpu, dtypes.load)
     terms = {}
     for key, checkpointing in (("without_checkpointing", False), ("with_checkpointing", True)):

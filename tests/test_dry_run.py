@@ -109,8 +109,12 @@ def test_dry_run_prints_data_figures_and_both_memory_figures(tiny_model_dir):
     assert on["saved_activations"] < off["saved_activations"] and on["logits"] == off["logits"]
     rows, width = data["largest_micro_batch"]
     assert rows == tcfg.micro_batch_size and width <= data["token_lengths"]["max"]
-    # 8 bytes per logit on the CPU (float32 logits and the log-softmax output; the labels shift, not a copy)
-    assert off["logits"] == pytest.approx(rows * width * 49152 * 8 / 2**20)
+    # through the loss head: one chunk of 8 bytes per logit on the CPU (float32 logits and the log-sum-exp
+    # temporary) and the hidden-state gradient it keeps (at most every position's)
+    from lrft.loss import chunk_rows
+
+    chunk = min(rows * width, chunk_rows(49152))
+    assert off["logits"] == pytest.approx((chunk * 49152 * 8 + rows * width * 64 * 4) / 2**20)
 
 
 def test_dry_run_packed_figures(tiny_model_dir):
@@ -135,12 +139,13 @@ def test_dry_run_packed_figures(tiny_model_dir):
 
 def test_saved_activations_match_autograd(tiny_model_dir):
     """The estimate's saved activations (base layers by formula, adapters measured on the meta device) are
-    what autograd keeps in a real forward of the largest planned micro-batch: counted with saved-tensor hooks
-    on the tiny model (float32, LoRA with dropout), less the log-softmax output the logits term counts."""
+    what autograd keeps in a real forward of the largest planned micro-batch, as training runs it (the
+    loss head in place): counted with saved-tensor hooks on the tiny model (float32, LoRA with dropout),
+    less the hidden-state gradient the loss head keeps, which the logits term counts."""
     from transformers import AutoModelForCausalLM
 
     from lrft.data import DataOrder, collate, micro_batches
-    from lrft.loss import summed_token_loss
+    from lrft.loss import summed_token_loss, use_loss_head
     from lrft.inject import inject_adapters
     from lrft.plan import make_plan
 
@@ -156,6 +161,7 @@ def test_saved_activations_match_autograd(tiny_model_dir):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).requires_grad_(False)
     inject_adapters(model, recipe.adapter, torch.float32)
+    assert use_loss_head(model)
     model.train()
     own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     saved = {}
@@ -167,7 +173,8 @@ def test_saved_activations_match_autograd(tiny_model_dir):
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         summed_token_loss(model, collate(chunk, 2))
-    measured = sum(saved.values()) - rows * width * model.config.vocab_size * 4  # the log-softmax output
+    labelled = sum(sum(1 for t in e["labels"][1:] if t != -100) for e in chunk)
+    measured = sum(saved.values()) - labelled * model.config.hidden_size * 4  # the loss head's gradient
     assert estimate == pytest.approx(measured, rel=0.02), (estimate, measured)
 
 
