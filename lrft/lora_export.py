@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -131,7 +130,7 @@ class RankRule:
 
 @dataclass
 class ExportedLayer:
-    """One layer's truncated ΔW = B·A (float64) and every singular value ΔW has."""
+    """One layer's truncated ΔW = B·A (float32, ΔW's own precision) and every singular value ΔW has (float64)."""
 
     name: str
     B: Tensor  # (out, k)
@@ -172,7 +171,8 @@ def truncate(name: str, layer, rule: RankRule) -> ExportedLayer:
     U, sigma, Vh, method = decompose(layer)
     rank = rule.layer_rank(sigma)
     root = sigma[:rank].sqrt()
-    return ExportedLayer(name, U[:, :rank] * root, root.unsqueeze(1) * Vh[:rank], sigma, method)
+    B, A = U[:, :rank] * root, root.unsqueeze(1) * Vh[:rank]
+    return ExportedLayer(name, B.float(), A.float(), sigma, method)
 
 
 def _share(kept: float, total: float) -> float:
@@ -252,9 +252,11 @@ def export_lora(folder: AdapterFolder, output: Path, rule: RankRule, dtype: torc
         _say(note)
     exported = [truncate(name, layers[name], rule) for name in folder.layer_shapes]
     del layers
+    decomposed_in = time.time() - started
     _warn_capped(exported, rule)
     peft_config, tensors = plain_lora(folder, serving_factors(exported, rule, dtype))
     report = _report(folder, exported, rule, dtype, peft_config)
+    report["decomposition_seconds"] = round(decomposed_in, 2)
     for row in energy_table(report["energy_by_module"]):
         _say(row)
     with atomic_dir(output) as tmp:
@@ -352,8 +354,6 @@ def check_export(folder: AdapterFolder, export_dir: Path, options: CheckOptions,
     base as trained (module docstring)."""
     from peft import PeftModel
 
-    from .merge import compare_logits
-
     reference = reference or measure_adapter(folder, options)
     _say("check: the export (PEFT) ...")
     device = default_device()
@@ -361,20 +361,28 @@ def check_export(folder: AdapterFolder, export_dir: Path, options: CheckOptions,
     exported = Measured.of(model, load_tokenizer(folder.base_name), options, device)
     del model
     gc.collect()
-    figures = compare_logits(reference.logits, exported.logits)
-    changed = sum(a["prediction"] != b["prediction"] for a, b in zip(reference.rows, exported.rows))
     result = {
         "base_model": folder.base_name, "quantization_bits": folder.quantization.bits, "device": str(device),
-        "prompts": len(reference.logits), **figures, "data": str(options.data), "limit": options.limit,
-        "examples": len(reference.rows), "accuracy_adapter": reference.accuracy, "accuracy_export": exported.accuracy,
-        "accuracy_change": exported.accuracy - reference.accuracy, "predictions_changed": changed,
+        "data": str(options.data), "limit": options.limit, **compare_measured(reference, exported),
     }
     _say(
-        f"check: max |Δlogit| = {figures['max_abs_logit_diff']:.4g} (logits up to {figures['max_abs_logit']:.3g}), "
-        f"mean KL = {figures['mean_kl']:.3g}; loglik accuracy {reference.accuracy:.4f} -> {exported.accuracy:.4f} "
-        f"({result['accuracy_change']:+.4f}), {changed} of {len(reference.rows)} predictions changed"
+        f"check: max |Δlogit| = {result['max_abs_logit_diff']:.4g} (logits up to {result['max_abs_logit']:.3g}), "
+        f"mean KL = {result['mean_kl']:.3g}; loglik accuracy {reference.accuracy:.4f} -> {exported.accuracy:.4f} "
+        f"({result['accuracy_change']:+.4f}), {result['predictions_changed']} of {result['examples']} predictions changed"
     )
     return result
+
+
+def compare_measured(reference: Measured, other: Measured) -> dict[str, Any]:
+    """--check's figures of ``other`` against ``reference`` (the adapter)."""
+    from .merge import compare_logits
+
+    changed = sum(a["prediction"] != b["prediction"] for a, b in zip(reference.rows, other.rows))
+    return {
+        "prompts": len(reference.logits), **compare_logits(reference.logits, other.logits),
+        "examples": len(reference.rows), "accuracy_adapter": reference.accuracy, "accuracy_export": other.accuracy,
+        "accuracy_change": other.accuracy - reference.accuracy, "predictions_changed": changed,
+    }
 
 
 # --- README.md ------------------------------------------------------------------------------------------------
