@@ -4,8 +4,9 @@ each export checked as ``--check`` does (PEFT on the base as trained, against th
     PYTHONPATH=. HF_HUB_OFFLINE=1 python -m lrft train recipes/demo.yaml --output-dir /tmp/serve-demo --overwrite
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/serve_table.py /tmp/serve-demo/adapter
 
-writes benchmarks/results/serve-table.json and rewrites the table between its markers in docs/deploy.md. The
-adapter itself is measured once and compared with every export (what ``--check`` measures each time).
+writes benchmarks/results/serve-table.json and rewrites the table between its markers in docs/deploy.md
+(``--table-only`` rewrites it from that file). The adapter itself is measured once and compared with every
+export (what ``--check`` measures each time), and so is the base alone (rank 0).
 """
 
 from __future__ import annotations
@@ -74,33 +75,36 @@ def table(result: dict) -> str:
         f"{result['accuracy_adapter']:.4f}) and {check['prompts']} fixed prompts (logits up to {check['max_abs_logit']:.3g}), "
         "the export through PEFT against the adapter through lrft, both on the 4-bit base; rank 0 is the base "
         "alone, without any adapter. File: adapter_model.safetensors in "
-        f"{first['dtype']} (bfloat16 halves it); decomposition: the "
-        f"{len(first['layers'])} layers' SVDs ({', '.join(f'{n} {how}' for how, n in first['decomposition'].items())}), in seconds.",
+        f"{first['dtype']} (bfloat16 halves it). Every layer is decomposed through its factors "
+        f"({', '.join(f'{n} {how}' for how, n in first['decomposition'].items())}).",
         "",
-        "| --rank | ‖ΔW‖² kept: q | v | down | all | max \\|Δlogit\\| | mean KL | accuracy change | predictions changed | file (MB) | decomposition (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| --rank | ‖ΔW‖² kept: q | v | down | all | max \\|Δlogit\\| | mean KL | accuracy change | predictions changed | file (MB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for rank, row in result["rows"].items():
         shares = row.get("energy_by_module", {})
         check = row["check"]
         kept = " | ".join(f"{shares[k]['energy_kept']:.3f}" if k in shares else "0" for k in ("q", "v", "down", "all"))
-        seconds = f"{row['decomposition_seconds']:.0f}" if "decomposition_seconds" in row else "—"
         lines.append(
             f"| {rank} | {kept} | {check['max_abs_logit_diff']:.3g} | {check['mean_kl']:.3g} | "
             f"{check['accuracy_change']:+.4f} | {check['predictions_changed']} of {check['examples']} | "
-            f"{row['file_bytes'] / 2**20:.1f} | {seconds} |"
+            f"{row['file_bytes'] / 2**20:.1f} |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("adapter", type=Path, help="the demo run's adapter folder (RUN_DIR/adapter)")
+    parser.add_argument("adapter", type=Path, nargs="?", help="the demo run's adapter folder (RUN_DIR/adapter)")
     parser.add_argument("--ranks", default=",".join(map(str, RANKS)))
     parser.add_argument("--limit", type=int, default=20, help="dev examples per task")
+    parser.add_argument("--table-only", action="store_true", help=f"rewrite the table from {RESULTS.name}, measuring nothing")
     args = parser.parse_args()
-    result = measure(args.adapter, [int(r) for r in args.ranks.split(",")], args.limit)
-    RESULTS.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if args.table_only:
+        result = json.loads(RESULTS.read_text())
+    else:
+        result = measure(args.adapter, [int(r) for r in args.ranks.split(",")], args.limit)
+        RESULTS.write_text(json.dumps(result, indent=2, default=str) + "\n")
     write_section(BEGIN, END, "Measured: the demo RandLoRA adapter as a LoRA", table(result), page=PAGE)
     print(table(result))
 

@@ -201,7 +201,7 @@ def _rank_text(entry: dict[str, Any]) -> str:
 
 def energy_table(summary: dict[str, dict[str, Any]]) -> list[str]:
     """The per-module-type table, as Markdown rows (printed and written to the README)."""
-    rows = ["| module | layers | rank | share of ‖ΔW‖² kept |", "|---|---:|---:|---:|"]
+    rows = ["| module | layers | rank kept | share of ‖ΔW‖² kept |", "|---|---:|---:|---:|"]
     for kind, entry in summary.items():
         rows.append(f"| {kind} | {entry['layers']} | {_rank_text(entry)} | {entry['energy_kept']:.4f} |")
     return rows
