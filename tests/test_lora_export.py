@@ -7,6 +7,7 @@ are W + that truncated ΔW. PEFT itself loads the exports."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
@@ -323,5 +324,7 @@ def test_cli_exports_randlora_on_smollm2_with_check(tmp_path, capfd):
     assert report["r"] == 256 and report["vllm_max_lora_rank"] == 256 and report["trained_on"]["quantization_bits"] == 4
     narrow = [entry for name, entry in report["layers"].items() if name.endswith("v_proj")]
     assert len(narrow) == 30 and all(entry["rank"] == 192 and entry["energy_kept"] == pytest.approx(1.0) for entry in narrow)
-    check = report["check"]
-    assert check["examples"] == 8 and 0 < check["max_abs_logit_diff"] < check["max_abs_logit"]
+    check = report["check"]  # a random adapter truncated to 256 of 576: the numbers are reported, whatever they are
+    assert check["examples"] == 8 and check["prompts"] == 4 and check["quantization_bits"] == 4
+    assert all(math.isfinite(check[key]) for key in ("max_abs_logit_diff", "mean_kl", "accuracy_change"))
+    assert check["max_abs_logit_diff"] > 0 and f"{check['max_abs_logit_diff']:.4g}" in (out / "README.md").read_text()
