@@ -132,7 +132,7 @@ def machine() -> dict[str, Any]:
     import importlib.metadata as md
 
     versions = {}
-    for pkg in ("lrft", "torch", "transformers", "bitsandbytes", "accelerate", "tokenizers"):
+    for pkg in ("lrft", "torch", "transformers", "bitsandbytes", "accelerate", "tokenizers", "peft"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -280,6 +280,17 @@ class AdapterFolder:
         layer.load_adapter_state_dict({k: v.to(layer.device) for k, v in self.tensors[name].items()})
         return layer.eval()
 
+    def layers_for_delta(self) -> tuple[dict[str, AdapterLayer], Optional[str]]:
+        """Every layer, rebuilt to be asked for its ΔW (on the CPU), and a note when that needed the base model.
+
+        Around shape-only stand-ins, with no base weights read; a type whose ΔW depends on the base weight
+        (``needs_base_weight``: DoRA) is attached to its base model loaded as recorded (quantization
+        included: ΔW relative to the weight it was trained on; a PEFT adapter's base loads unquantized)."""
+        if not self.spec.layer.needs_base_weight:
+            return {name: self.layer(name) for name in self.layer_shapes}, None
+        _, layers = self.load_model(torch.device("cpu"))
+        return layers, f"{self.config.type}: ΔW depends on the base weight; loaded the base model as recorded in the adapter"
+
     def attach(self, model: nn.Module) -> dict[str, AdapterLayer]:
         """Wrap ``model``'s adapted linears with this adapter's trained layers (frozen, eval mode)."""
         modules = dict(model.named_modules())

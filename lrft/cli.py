@@ -168,12 +168,39 @@ def merge(
     base: str = typer.Option("dequantized", "--base", help="dequantized (what the adapter saw) or original"),
     requantize: str = typer.Option("none", "--requantize", help="none, nf4 or int8"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip the base+adapter vs merged comparison"),
-    format_: str = typer.Option("hf", "--format", help="hf (merged model) or peft (adapter in PEFT's format)"),
+    format_: str = typer.Option(
+        "hf", "--format",
+        help="hf (merged model), peft (the adapter in PEFT's format) or lora (ΔW truncated by SVD to a plain PEFT LoRA "
+        "that serving engines load; needs --rank or --energy)",
+    ),
+    rank: Optional[int] = typer.Option(None, "--rank", help="--format lora: rank K of every layer (layers narrower keep all of ΔW)"),
+    energy: Optional[float] = typer.Option(
+        None, "--energy",
+        help="--format lora: per layer the smallest rank keeping this share of ‖ΔW‖², rounded up to a rank vLLM "
+        "accepts (with --rank K: at most K)",
+    ),
+    check: bool = typer.Option(
+        False, "--check", help="--format lora: load the export with PEFT on the base as trained and report max |Δlogit| "
+        "and the loglik accuracy change against the adapter (needs peft)",
+    ),
+    check_data: Optional[Path] = typer.Option(None, "--check-data", help="--check's commonsense dev data (default: the shipped dev subsets)"),
+    check_limit: Optional[int] = typer.Option(None, "--check-limit", help="--check: first N examples per task (default 20)"),
 ) -> None:
-    """Fold the adapter into the weights and write a plain Hugging Face model."""
+    """Fold the adapter into the weights and write a plain Hugging Face model (or export the adapter)."""
     from .merge import run_merge
 
-    run_merge(adapter_dir, output, dtype=dtype, base=base, requantize=requantize, verify=not no_verify, fmt=format_)
+    checking = None
+    if check:
+        from .lora_export import CheckOptions
+
+        given = {"data": check_data, "limit": check_limit}
+        checking = CheckOptions(**{key: value for key, value in given.items() if value is not None})
+    elif check_data is not None or check_limit is not None:
+        raise UserError("--check-data and --check-limit apply with --check; add --check or drop them")
+    run_merge(
+        adapter_dir, output, dtype=dtype, base=base, requantize=requantize, verify=not no_verify, fmt=format_,
+        rank=rank, energy=energy, check=checking,
+    )
 
 
 @app.command("inspect-rank")

@@ -107,6 +107,16 @@ def factored_singular_values(left: Tensor, right: Tensor) -> Tensor:
     return torch.linalg.svdvals(r_left @ r_right.mT)
 
 
+def factored_svd(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD (U, S, Vh) of ``left @ right`` ((m, k) @ (k, n)) without forming it, as
+    :func:`factored_singular_values` with the orthonormal factors kept: U = Q_l U_c, Vh = Vh_c Q_rᵀ for the SVD
+    U_c S Vh_c of the core R_l R_rᵀ, which is at most min(m, k) × min(n, k)."""
+    q_left, r_left = torch.linalg.qr(left)
+    q_right, r_right = torch.linalg.qr(right.mT)
+    core_u, sigma, core_vh = torch.linalg.svd(r_left @ r_right.mT, full_matrices=False)
+    return q_left @ core_u, sigma, core_vh @ q_right.mT
+
+
 def dense_singular_values(weights: Tensor, use_gram: bool = True) -> tuple[Tensor, list[str]]:
     """Singular values of each matrix in ``weights`` (b, m, n), descending, and how each was obtained.
 

@@ -68,12 +68,8 @@ def _inspected(name: str, layer) -> InspectedLayer:
 def load_adapter(directory: Path | str) -> InspectedAdapter:
     """An lrft or PEFT adapter folder, as layers whose ΔW can be formed or factored (on the CPU)."""
     folder = AdapterFolder.read(directory)
-    notes = list(folder.notes)
-    if folder.spec.layer.needs_base_weight:
-        _, layers = folder.load_model(torch.device("cpu"))
-        notes.append(f"{folder.config.type}: ΔW depends on the base weight; loaded the base model as recorded in the adapter")
-    else:
-        layers = {name: folder.layer(name) for name in folder.layer_shapes}
+    layers, note = folder.layers_for_delta()
+    notes = list(folder.notes) + ([note] if note else [])
     inspected = [_inspected(name, layer) for name, layer in layers.items()]
     kind = folder.config.type if folder.format == "lrft" else f"peft-{folder.config.type}"
     return InspectedAdapter(folder.path, folder.format, kind, folder.config.r, inspected, notes)

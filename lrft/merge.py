@@ -37,8 +37,9 @@ of bad input) and nothing is written. A non-finite merged tensor fails the same 
 Everything is written into a temporary sibling folder renamed to ``OUT_DIR`` at the end
 (:func:`lrft.io.atomic_dir`): a crash or a kill leaves no ``OUT_DIR``.
 
-``--format peft`` writes the adapter itself in PEFT's layout instead (:mod:`lrft.peft_format`). The adapter may
-be lrft's or PEFT's own (:class:`~lrft.adapter_folder.AdapterFolder` reads both).
+``--format peft`` writes the adapter itself in PEFT's layout instead (:mod:`lrft.peft_format`), and
+``--format lora`` any adapter's ΔW truncated to a plain LoRA for serving engines (:mod:`lrft.lora_export`). The
+adapter may be lrft's or PEFT's own (:class:`~lrft.adapter_folder.AdapterFolder` reads both).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -64,9 +65,12 @@ from .model import (
     DTYPES, bnb_config, check_bitsandbytes, default_device, dequantized_weight, dtype_name, load_tokenizer, resolve_model_path,
 )
 
+if TYPE_CHECKING:
+    from .lora_export import CheckOptions
+
 BASES = ("dequantized", "original")
 REQUANTIZE = ("none", "nf4", "int8")
-FORMATS = ("hf", "peft")
+FORMATS = ("hf", "peft", "lora")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 # Files of a model folder that describe how to use it rather than its weights; copied unchanged.
@@ -135,27 +139,39 @@ def run_merge(
     verify: bool = True,
     fmt: str = "hf",
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    rank: Optional[int] = None,
+    energy: Optional[float] = None,
+    check: Optional["CheckOptions"] = None,
 ) -> dict[str, Any]:
-    """Merge ``adapter_dir`` into its base and write ``output`` (or export the adapter for PEFT).
+    """Merge ``adapter_dir`` into its base and write ``output``, or export the adapter: in PEFT's format
+    (``peft``), or as a plain LoRA of ``rank`` / ``energy`` (``lora``, :mod:`lrft.lora_export`; ``check``
+    compares it with the adapter through PEFT).
 
-    Returns what was done and measured (also written to ``output/lrft_merge.json`` for merges).
+    Returns what was done and measured (also written to ``output/lrft_merge.json`` for merges,
+    ``output/lrft_export.json`` for LoRA exports).
     """
     adapter_dir, output = Path(adapter_dir), Path(output)
     _check_options(dtype, base, requantize, fmt, max_shard_bytes)
+    if fmt != "lora" and (rank is not None or energy is not None or check is not None):
+        raise UserError("--rank, --energy and --check apply to --format lora; add --format lora or drop them")
     folder = AdapterFolder.read(adapter_dir)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"--output {output} already exists and is not empty; remove it or choose another folder")
     if output.resolve() == adapter_dir.resolve():
         raise UserError("--output is the adapter folder itself; choose another folder")
+    if fmt != "hf" and (base != "dequantized" or requantize != "none"):
+        raise UserError(f"--base and --requantize apply to merged models, not --format {fmt}; drop them or use --format hf")
     if fmt == "peft":
-        if base != "dequantized" or requantize != "none":
-            raise UserError("--base and --requantize apply to merged models, not --format peft; drop them or use --format hf")
         from .peft_format import export_peft
 
         return export_peft(folder, output)
     # auto: the dtype the base was loaded in for training (as recorded): the merged model then computes what
     # base + adapter computed, down to the greedy generations
     out_dtype = folder.dtypes.load if dtype == "auto" else DTYPES[dtype]
+    if fmt == "lora":
+        from .lora_export import RankRule, export_lora
+
+        return export_lora(folder, output, RankRule(rank, energy), out_dtype, check)
     return _merge(folder, output, out_dtype, base, requantize, verify, max_shard_bytes)
 
 
@@ -522,7 +538,7 @@ def _requantize(merged: Path, out_folder: Path, requantize: str, out_dtype: torc
 # --- verification -----------------------------------------------------------------------------------
 
 
-def _prompt_ids(tokenizer) -> list[Tensor]:
+def verify_prompt_ids(tokenizer) -> list[Tensor]:
     return [
         tokenizer(prompt, return_tensors="pt", add_special_tokens=True).input_ids[:, :VERIFY_MAX_TOKENS]
         for prompt in VERIFY_PROMPTS
@@ -530,7 +546,7 @@ def _prompt_ids(tokenizer) -> list[Tensor]:
 
 
 @torch.no_grad()
-def _logits(model, prompts: list[Tensor], device: torch.device) -> list[Tensor]:
+def prompt_logits(model, prompts: list[Tensor], device: torch.device) -> list[Tensor]:
     return [model(input_ids=ids.to(device)).logits[0].float().cpu() for ids in prompts]
 
 
@@ -601,16 +617,16 @@ def verify_merged(
 
     reference_model, _ = folder.load_model(device)
     tokenizer = load_tokenizer(folder.base_name)
-    prompts = _prompt_ids(tokenizer)
-    as_run = _logits(reference_model, prompts, device)
+    prompts = verify_prompt_ids(tokenizer)
+    as_run = prompt_logits(reference_model, prompts, device)
     quantized = dequantize_linears(reference_model, folder.dtypes.compute)
-    reference = _logits(reference_model, prompts, device) if quantized else as_run
+    reference = prompt_logits(reference_model, prompts, device) if quantized else as_run
     del reference_model
     gc.collect()
 
     merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=out_dtype, device_map={"": device})
     merged_model.eval()
-    merged = _logits(merged_model, prompts, device)
+    merged = prompt_logits(merged_model, prompts, device)
     del merged_model
     gc.collect()
 

@@ -18,12 +18,12 @@ RANDLORA   randlora    randlora_lambda (r, n) = Λᵀ, randlora_gamma (n, d) = �
                        and randlora_B (D_max, N_max, r) sliced per layer, saved in the file
 =========  ==========  ======================================================================================
 
-RandLoRA's ordering: PEFT stacks the n·r scaled rows of A rank-major (row i·n + j is term j, rank i) but
-B's columns term-major (column j·r + i), and pairs row k with column k; lrft pairs B's column j·r + i
-with term j, rank i. So B's columns are permuted on the way in and back on the way out. PEFT keeps one
-pair of bases for the whole model where lrft draws one per layer shape: importing slices PEFT's pair per
-shape (exact); exporting works only for adapters whose layers all have one shape, and not for sparse
-adapters trained with ``keep_rank`` (one A per term, which PEFT's single A cannot hold).
+RandLoRA: PEFT keeps one pair of bases for the whole model, sliced per layer, and pairs A's scaled rows with
+B's columns in its own order (:func:`lrft.adapters.randlora.peft_column_order`). lrft's ``basis_layout: peft``
+is that layout, so a PEFT RandLoRA imports as an lrft adapter with that layout and PEFT's saved pair, and an
+lrft adapter with that layout exports whatever its layer shapes. An adapter with lrft's default layout (one
+pair per layer shape) exports only when all its layers have one shape (that shape's pair, reordered, is PEFT's
+pair), and never with ``keep_rank`` (one A per term, which PEFT's single A cannot hold).
 
 Importing: :func:`read_peft_folder` returns an :class:`~lrft.adapter_folder.AdapterFolder` whose frozen
 tensors come from the file (``SharedTensors.provided``) rather than lrft's seed, so ``lrft eval``,
@@ -31,7 +31,8 @@ tensors come from the file (``SharedTensors.provided``) rather than lrft's seed,
 quantization: the base loads unquantized unless ``--quantization`` says otherwise. VeRA and RandLoRA files
 do not record the layers' input widths, which come from the base model's config (no weights loaded).
 
-Exporting: :func:`export_peft` writes a PEFT folder that ``PeftModel.from_pretrained`` loads on the same base.
+Exporting: :func:`export_peft` writes a PEFT folder that ``PeftModel.from_pretrained`` loads on the same base;
+:func:`plain_lora` is the LoRA folder of ``merge --format lora`` (:mod:`lrft.lora_export`), for any lrft type.
 """
 
 from __future__ import annotations
@@ -216,12 +217,17 @@ def _import_vera(modules, model_level, config, path) -> _Imported:
 
 
 def _import_randlora(modules, model_level, config, path) -> _Imported:
+    from .adapters.randlora import peft_layout_names
+
     basis_A = _shared_projection(model_level, modules, "randlora_A", path, "RandLoRA")  # (r, 1, d_max)
     basis_B = _shared_projection(model_level, modules, "randlora_B", path, "RandLoRA")  # (D_max, N_max, r)
     modules = {n: t for n, t in modules.items() if "randlora_lambda" in t or "randlora_gamma" in t}
     shapes = _layer_shapes(config.get("base_model_name_or_path"), modules, "RandLoRA slices its shared bases by layer shape")
     rank = int(config["r"])
-    result = _Imported("randlora", {"r": rank, "alpha": float(config["randlora_alpha"])})
+    # lrft's basis_layout: peft slices the model-wide pair per layer exactly as PEFT does; the pair's values
+    # come from the file, whatever distribution PEFT drew them from
+    options = {"r": rank, "alpha": float(config["randlora_alpha"]), "basis": "uniform", "basis_layout": "peft"}
+    result = _Imported("randlora", options)
     if config.get("sparse") or config.get("very_sparse"):
         result.notes.append("PEFT's sparse bases are applied as dense tensors (lrft's sparse kernels draw their own)")
     for name, tensors in modules.items():
@@ -236,12 +242,8 @@ def _import_randlora(modules, model_level, config, path) -> _Imported:
                 f"{(terms, small)} for a {in_features}->{out_features} layer at r={rank}; the file does not match its base"
             )
         result.add(name, shapes[name], {"lambdas": tensors["randlora_lambda"].T, "gammas": gammas})
-        flat_B = basis_B[:large, :terms, :].reshape(large, terms * rank)  # column j·r + i: PEFT's pairing, below
-        lrft_order = torch.arange(terms * rank)
-        term, rank_index = lrft_order // rank, lrft_order % rank
-        # lrft's column j·r + i pairs with term j, rank i; in PEFT that term and rank meet at column i·n + j
-        result.frozen[f"randlora.uniform.A.{rank}x{small}"] = basis_A[:, 0, :small]
-        result.frozen[f"randlora.uniform.B.{large}x{terms}x{rank}"] = flat_B[:, rank_index * terms + term]
+    a_name, b_name = peft_layout_names(options["basis"])
+    result.frozen = {a_name: basis_A[:, 0, :], b_name: basis_B}
     return result
 
 
@@ -335,19 +337,49 @@ def _uniform_config(folder) -> None:
         )
 
 
+def _lora_config(folder, r: int, alpha: float, dropout: float, rank_pattern=None, alpha_pattern=None) -> dict[str, Any]:
+    peft_config = _common(folder, "LORA")
+    peft_config.update({
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "rank_pattern": rank_pattern or {}, "alpha_pattern": alpha_pattern or {},
+    })
+    return peft_config
+
+
+def _lora_tensors(pairs: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """PEFT's keys for each layer's (B, A)."""
+    tensors = {}
+    for name, (B, A) in pairs.items():
+        tensors[_key(name, "lora_A.weight")] = A
+        tensors[_key(name, "lora_B.weight")] = B
+    return tensors
+
+
 def _lora_to_peft(folder):
     """LoRA (and RM-LoRA, whose masks and regulariser act only in training): lora_alpha = scaling · r."""
     config = folder.config
-    peft_config = _common(folder, "LORA")
-    peft_config.update({
-        "r": config.r, "lora_alpha": config.scaling * config.r, "lora_dropout": config.dropout, "use_rslora": False,
-        "use_dora": False, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
-    })
-    tensors = {}
-    for name, own in folder.tensors.items():
-        tensors[_key(name, "lora_A.weight")] = own["lora_A"].float()
-        tensors[_key(name, "lora_B.weight")] = own["lora_B"].float()
-    return peft_config, tensors
+    peft_config = _lora_config(folder, config.r, config.scaling * config.r, config.dropout)
+    pairs = {name: (own["lora_B"].float(), own["lora_A"].float()) for name, own in folder.tensors.items()}
+    return peft_config, _lora_tensors(pairs)
+
+
+def plain_lora(folder, factors: dict[str, tuple[Tensor, Tensor]]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """PEFT's config and tensors of a plain LoRA with ΔW = B·A for each layer's (B, A) (``merge --format lora``).
+
+    lora_alpha = r, the largest rank: scaling 1. Serving engines read one scaling, lora_alpha / r (vLLM,
+    SGLang), and each layer's rank from its tensors; PEFT reads a layer's own rank from ``rank_pattern``
+    and divides its alpha by it, so a layer of another rank gets equal ``rank_pattern`` and ``alpha_pattern``
+    entries (scaling 1 again), keyed by its full module name."""
+    ranks = {name: B.shape[1] for name, (B, _) in factors.items()}
+    top = max(ranks.values())
+    pattern = {name: rank for name, rank in ranks.items() if rank != top}
+    peft_config = _lora_config(folder, top, top, 0.0, rank_pattern=pattern, alpha_pattern=dict(pattern))
+    return peft_config, _lora_tensors(factors)
+
+
+def write_peft_files(directory: Path, peft_config: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    save_tensors_atomic(directory / PEFT_WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    write_json_atomic(directory / "adapter_config.json", peft_config)
 
 
 def _dora_to_peft(folder):
@@ -394,38 +426,36 @@ def _adalora_to_peft(folder):
 
 
 def _randlora_to_peft(folder):
-    if getattr(folder.config, "keep_rank", False):
+    config = folder.config
+    if config.keep_rank:
         raise UserError(
             "PEFT's RandLoRA has one random A shared by every term, but this adapter was trained with keep_rank: true "
-            "(a separate sparse A per term); merge it into a full model with --format hf instead"
+            "(a separate sparse A per term); export it with --format lora --rank K, or merge it with --format hf"
         )
     shapes = sorted(set(folder.layer_shapes.values()))
-    if len(shapes) > 1:
+    if len(shapes) > 1 and config.basis_layout != "peft":
         listed = ", ".join(f"{i}->{o}" for i, o in shapes)
         raise UserError(
-            f"PEFT's RandLoRA slices one pair of random bases for every layer, but lrft draws separate bases per "
-            f"layer shape and this adapter has several ({listed}); merge it into a full model with --format hf instead"
+            f"PEFT's RandLoRA slices one pair of random bases for every layer, but this adapter has bases per layer "
+            f"shape and several shapes ({listed}); export it with --format lora --rank K (or merge it with --format hf), "
+            "or train with adapter.basis_layout: peft"
         )
-    config = folder.config
     peft_config = _common(folder, "RANDLORA")
     peft_config.update({
         "r": config.r, "randlora_alpha": config.scaling * config.r, "randlora_dropout": config.dropout,
         "save_projection": True, "projection_prng_key": config.seed, "sparse": False, "very_sparse": False,
         "init_weights": True,
     })
-    tensors = {}
-    for name in folder.layer_shapes:
-        layer = folder.layer(name)
-        rank, terms = layer.basis_rank, layer.num_terms
-        basis_a, basis_b = layer.bases.dense_A().float(), layer.bases.dense_B().float()  # (r, d), (D, n·r)
-        peft_order = torch.arange(terms * rank)  # PEFT's column k = i·n + j pairs with term j, rank i
-        term, rank_index = peft_order % terms, peft_order // terms
+    layers = {name: folder.layer(name) for name in folder.layer_shapes}
+    basis_a, basis_b = next(iter(layers.values())).bases.peft_bases()  # (r, d_max), (D_max, n_max, r)
+    shared_pair = {"randlora_A": basis_a.float().unsqueeze(1), "randlora_B": basis_b.float()}
+    tensors = {f"base_model.{key}": value.clone() for key, value in shared_pair.items()}
+    for name, layer in layers.items():
         tensors[_key(name, "randlora_lambda")] = layer.lambdas.detach().float().T.contiguous()  # (r, n)
         tensors[_key(name, "randlora_gamma")] = layer.gammas.detach().float()  # (n, d)
-        # PEFT saves its one shared pair under every layer's name; safetensors wants separate storage
-        tensors[_key(name, "randlora_A")] = basis_a.unsqueeze(1).clone()  # (r, 1, d)
-        permuted = basis_b[:, term * rank + rank_index]
-        tensors[_key(name, "randlora_B")] = permuted.reshape(basis_b.shape[0], terms, rank).clone()
+        # as PEFT's own save: the pair again under every layer (PEFT reports the layer's keys missing
+        # without them); safetensors wants separate storage
+        tensors.update({_key(name, key): value.clone() for key, value in shared_pair.items()})
     return peft_config, tensors
 
 
@@ -452,12 +482,11 @@ def export_peft(folder, output: Path) -> dict[str, Any]:
     exporter = EXPORTERS.get(kind)
     if exporter is None:
         why = UNSUPPORTED.get(kind, f"lrft cannot express a {kind} adapter in PEFT's format")
-        raise UserError(f"{why}; merge it into a full model with --format hf instead")
+        raise UserError(f"{why}; export it with --format lora --rank K, or merge it into a full model with --format hf")
     _uniform_config(folder)
     with torch.no_grad():
         peft_config, tensors = exporter(folder)
     with atomic_dir(output) as tmp:
-        save_tensors_atomic(tmp / PEFT_WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-        write_json_atomic(tmp / "adapter_config.json", peft_config)
+        write_peft_files(tmp, peft_config, tensors)
     print(f"wrote {kind} adapter in PEFT format ({len(folder.layer_shapes)} layers, {len(tensors)} tensors) to {output}", flush=True)
     return {"format": "peft", "adapter_type": kind, "peft_type": peft_config["peft_type"], "tensors": len(tensors)}

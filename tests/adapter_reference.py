@@ -115,6 +115,8 @@ CONTRACT_OPTIONS: dict[str, dict] = {
 CONTRACT_VARIANTS: dict[str, tuple[str, dict]] = {
     # one sparse A_j per term (eq. 3) instead of one shared A: its own bases and its own gradient path
     "randlora-keep_rank": ("randlora", {"r": 12, "alpha": 24, "basis": "sparse", "sparsity": 4, "keep_rank": True}),
+    # PEFT's layout: one pair of bases for the whole model, sliced and paired per layer shape
+    "randlora-peft_layout": ("randlora", {"r": 12, "alpha": 24, "basis_layout": "peft"}),
 }
 
 

@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 
-from adapter_reference import NAIVE, PARAMETERS, build_layer, check_all, contract_cases, naive_figures, randomize_trainables
+from adapter_reference import NAIVE, PARAMETERS, build_layer, check_all, contract_cases, naive_figures, naive_of, randomize_trainables
 from lrft.adapters import get_adapter, known_types
 
 TYPES = known_types()
@@ -58,6 +58,23 @@ def test_starts_from_the_base_model(kind, options):
 @pytest.mark.parametrize("shape", [(64, 128), (128, 64)])
 def test_forward_delta_weight_and_gradients_match_the_naive_reference(kind, options, base, shape):
     check_all(build_layer(kind, base, *shape, **options))
+
+
+@pytest.mark.parametrize("kind, options", CASES)
+@pytest.mark.parametrize("shape", [(64, 128), (128, 64)])
+def test_factors_are_the_naive_delta_as_a_product(kind, options, shape):
+    """factors() (the factored path of merge --format lora and inspect-rank) multiplies out to the naive ΔW;
+    only a type whose ΔW depends on the base weight itself (DoRA) has none."""
+    layer = build_layer(kind, "none", *shape, **options)
+    with torch.no_grad():
+        factors = layer.factors()
+        expected = naive_of(layer)
+    if layer.needs_base_weight:
+        assert factors is None
+        return
+    left, right = factors
+    assert left.dtype == right.dtype == torch.float32 and left.shape[1] == right.shape[0]
+    torch.testing.assert_close(left.double() @ right.double(), expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
 
 
 # --- on disk: reload, merge, inspect --------------------------------------------------------------------

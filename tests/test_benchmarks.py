@@ -78,3 +78,22 @@ def test_memory_benchmark_row_and_table():
     text = memory.table({"machine": machine, "date": "today", "rows": {"a": off, "b": on}})
     assert "| smollm2-x | off | 2 | 4 x 132 | 3,000 | 2,500 | 1.20 | yes | 2,500 | 2,000 | 1.25 |" in text
     assert "**no**" in text and "1 of 2 within" in text and "worst ratio is 1.38 (smollm2-x +checkpointing)" in text
+
+
+def test_serve_table_rows():
+    """benchmarks/serve_table.py: docs/deploy.md's table from (fake) export reports, the base alone as rank 0."""
+    serve = load_script("benchmarks/serve_table.py", "bench_serve_table")
+    check = {"base_model": "smollm2", "quantization_bits": 4, "examples": 160, "limit": 20, "prompts": 4,
+             "max_abs_logit": 60.0, "max_abs_logit_diff": 12.5, "mean_kl": 0.5, "accuracy_change": -0.025,
+             "predictions_changed": 96}
+    shares = {k: {"energy_kept": v} for k, v in (("q", 0.2), ("v", 0.55), ("down", 0.16), ("all", 0.18))}
+    export = {"check": check, "energy_by_module": shares, "file_bytes": 3 * 2**20, "dtype": "float32",
+              "decomposition_seconds": 95.2, "layers": {"a": {}, "b": {}}, "decomposition": {"factored": 2}}
+    base = {"check": {**check, "max_abs_logit_diff": 30.0, "accuracy_change": -0.05}, "file_bytes": 0}
+    machine = {"cpu": "cpu", "cpu_cores": 2, "cpu_flags": "avx2", "versions": {"torch": "2", "peft": "0.21"}}
+    config = {"type": "randlora", "r": 16, "alpha": 320, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    text = serve.table({"machine": machine, "date": "today", "adapter_config": config, "accuracy_adapter": 0.4125,
+                        "rows": {"0": base, "8": export}})
+    assert "| 0 | 0 | 0 | 0 | 0 | 30 | 0.5 | -0.0500 | 96 of 160 | 0.0 |" in text
+    assert "| 8 | 0.200 | 0.550 | 0.160 | 0.180 | 12.5 | 0.5 | -0.0250 | 96 of 160 | 3.0 |" in text
+    assert "through its factors (2 factored)" in text and "scores 0.4125" in text

@@ -160,3 +160,51 @@ def test_export_refuses_keep_rank_randlora(tiny_base, tmp_path):
         export_peft(AdapterFolder.read(tmp_path / "lrft"), tmp_path / "peft")
     assert "--format hf" in str(raised.value) and "\n" not in str(raised.value)
     assert not (tmp_path / "peft").exists()
+
+
+def test_peft_layout_randlora_of_several_shapes_exports_with_peft_logits(tiny_base, tmp_path):
+    """adapter.basis_layout: peft draws PEFT's one pair of bases for the whole model and slices it per layer
+    as PEFT does, so a RandLoRA of three layer shapes exports with --format peft: PeftModel.from_pretrained
+    gives lrft's logits, the file holds PEFT's pair (r, 1, d_max) and (D_max, n_max, r), and it reads back
+    with every layer's ΔW. The same adapter with lrft's default layout is refused."""
+    from safetensors.torch import load_file
+
+    from lrft.adapter_folder import AdapterFolder
+    from lrft.errors import UserError
+    from lrft.merge import run_merge
+    from test_merge import make_adapter, reference_logits
+
+    targets = ["q_proj", "v_proj", "down_proj"]  # 64->64, 64->32, 128->64
+    adapter = make_adapter(tiny_base, tmp_path / "peft-layout", kind="randlora", targets=targets, alpha=None, r=8,
+                           basis_layout="peft")
+    run_merge(adapter, tmp_path / "export", fmt="peft")
+    assert_same(peft_logits(tiny_base, tmp_path / "export"), reference_logits(adapter))
+    tensors = load_file(str(tmp_path / "export" / "adapter_model.safetensors"))
+    assert tuple(tensors["base_model.randlora_A"].shape) == (8, 1, 64)  # d_max = min(largest out, largest in)
+    assert tuple(tensors["base_model.randlora_B"].shape) == (128, 8, 8)  # (D_max, ⌈64 / 8⌉, r)
+    original, imported = AdapterFolder.read(adapter), AdapterFolder.read(tmp_path / "export")
+    assert imported.config.basis_layout == "peft"
+    with torch.no_grad():
+        for name in original.layer_shapes:
+            torch.testing.assert_close(imported.layer(name).delta_weight(), original.layer(name).delta_weight(),
+                                       atol=1e-6, rtol=1e-5)
+
+    default_layout = make_adapter(tiny_base, tmp_path / "lrft-layout", kind="randlora", targets=targets, alpha=None, r=8)
+    with pytest.raises(UserError, match="basis_layout: peft"):
+        run_merge(default_layout, tmp_path / "refused", fmt="peft")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_peft_layout_needs_dense_bases_and_every_target():
+    from pydantic import ValidationError
+
+    from lrft.adapters import get_adapter
+    from lrft.adapters.base import SharedTensors
+    from conftest import make_linear
+
+    spec = get_adapter("randlora")
+    with pytest.raises(ValidationError, match="basis_layout: peft applies to dense bases"):
+        spec.config(type="randlora", basis="sparse", basis_layout="peft")
+    config = spec.config(type="randlora", r=8, basis_layout="peft")
+    with pytest.raises(ValueError, match="not listed in SharedTensors.target_shapes"):
+        spec.layer(make_linear("none", 64, 32), config, SharedTensors(0, {"other": (64, 64)}), "layer")

@@ -198,10 +198,12 @@ class AdapterLayer(nn.Module):
         return None
 
     def factors(self) -> Optional[tuple[Tensor, Tensor]]:
-        """(B, A) with ΔW = B @ A exactly (scaling folded in), for adapters that are low-rank products.
+        """(B, A) with ΔW = B @ A exactly (scaling folded in), float32, whenever ΔW is such a product.
 
-        inspect-rank uses it to get the spectrum from QR of the factors instead of a full SVD. Full-rank
-        adapters return None.
+        The inner dimension may exceed min(out, in) (RandLoRA's n·r ≥ d): callers compare it with the layer's
+        widths before they choose the factored path. inspect-rank gets a spectrum, and ``merge --format lora``
+        a truncated SVD, from QR of the factors instead of an SVD of the formed ΔW. None only where ΔW is no
+        fixed product of the adapter's tensors (DoRA rescales the base weight itself).
         """
         return None
 

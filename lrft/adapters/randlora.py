@@ -55,6 +55,10 @@ Choices, and why
   PEFT's format, which has one A, cannot hold it.
 * The bases come from ``config.seed`` through :class:`SharedTensors`: every layer with the same d (and r)
   uses one A, every layer with the same (D, n, r) one B, in ``frozen_dtype``; they are never saved.
+  ``basis_layout: peft`` draws instead PEFT's one pair for the whole model, A (r × d_max) and B
+  (D_max × n_max × r), sized by the largest targets, and slices it per layer as PEFT does (A[:, :d],
+  B[:D, :n] paired as :func:`peft_column_order` says), so that PEFT's single-pair format can hold an
+  adapter of several layer shapes. Dense bases only (a sparse basis has a sparsity per layer shape).
 
 Compute
 -------
@@ -117,6 +121,13 @@ class RandLoRAConfig(AdapterConfig):
         "memory for the bases, not exportable to PEFT",
     )
 
+    basis_layout: Literal["lrft", "peft"] = Field(
+        "lrft",
+        description="lrft: one pair of bases per layer shape; peft: one pair for the whole model, sized by the "
+        "largest targets and sliced per layer as PEFT's RandLoRA does, so that merge --format peft exports "
+        "adapters of several layer shapes (dense bases only)",
+    )
+
     @model_validator(mode="after")
     def _sparsity_needs_sparse_basis(self):
         if self.sparsity is not None and self.basis != "sparse":
@@ -128,6 +139,11 @@ class RandLoRAConfig(AdapterConfig):
             raise ValueError(
                 f"keep_rank applies only to basis: sparse (basis is {self.basis}, whose one shared A already "
                 "reaches full rank); set adapter.basis: sparse or remove adapter.keep_rank"
+            )
+        if self.basis_layout == "peft" and self.basis == "sparse":
+            raise ValueError(
+                "basis_layout: peft applies to dense bases (uniform, normal, binary): sparse bases are drawn per "
+                "layer shape with their own sparsity; set adapter.basis to a dense one or remove adapter.basis_layout"
             )
         return self
 
@@ -206,6 +222,65 @@ def _padded_rows(tiled: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return columns, values
 
 
+# --- PEFT's layout: one pair of bases for the whole model ------------------------------------------
+
+def peft_layout_names(basis: str) -> tuple[str, str]:
+    """SharedTensors names of the model-wide pair of ``basis_layout: peft`` (also what a PEFT import provides)."""
+    return f"randlora.peft.{basis}.A", f"randlora.peft.{basis}.B"
+
+
+def peft_column_order(terms: int, rank: int) -> Tensor:
+    """For each of lrft's B columns j·r + i (term j, rank i), the column of PEFT's flattened B that meets the
+    same term and rank. PEFT stacks the scaled rows of A rank-major (row i·n + j is term j, rank i), flattens
+    B (D, n, r) term-major (column j·r + i) and pairs row k with column k: term j, rank i meet at column i·n + j."""
+    column = torch.arange(terms * rank)
+    return (column % rank) * terms + column // rank
+
+
+@dataclass(frozen=True)
+class PeftPair:
+    """The sizes of PEFT's model-wide pair, A (r, small) and B (large, terms, r), as PEFT's ``_find_dim`` sets
+    them: the elementwise largest (out, in) over the targets, its smaller side facing A."""
+
+    small: int
+    large: int
+    terms: int
+
+    @classmethod
+    def of(cls, target_shapes: dict[str, tuple[int, int]], rank: int) -> "PeftPair":
+        largest_in = max(shape[0] for shape in target_shapes.values())
+        largest_out = max(shape[1] for shape in target_shapes.values())
+        small = min(largest_in, largest_out)
+        return cls(small, max(largest_in, largest_out), math.ceil(small / rank))
+
+
+def _peft_pair_tensors(shared: SharedTensors, basis: str, sampler, pair: PeftPair, rank: int, device,
+                       dtype) -> tuple[Tensor, Tensor]:
+    """The model-wide A (r, small) and B (large, terms, r), drawn from the seed or provided (a PEFT import)."""
+    a_name, b_name = peft_layout_names(basis)
+    return (shared.get(a_name, (rank, pair.small), sampler, device, dtype),
+            shared.get(b_name, (pair.large, pair.terms, rank), sampler, device, dtype))
+
+
+def _peft_layout_bases(shared: SharedTensors, basis: str, sampler, pair: PeftPair, rank: int, small: int,
+                       large: int, terms: int, device, dtype) -> tuple[Tensor, Tensor]:
+    """A (r, d) and B (D, n·r, lrft's column order) of one layer shape, sliced from the model-wide pair; the
+    slices are cached per shape like lrft's own bases."""
+    a_name, b_name = peft_layout_names(basis)
+
+    def a_slice(shape, generator):
+        return _peft_pair_tensors(shared, basis, sampler, pair, rank, device, dtype)[0][:, :small].contiguous()
+
+    def b_slice(shape, generator):
+        model_wide = _peft_pair_tensors(shared, basis, sampler, pair, rank, device, dtype)[1]
+        flat = model_wide[:large, :terms, :].reshape(large, terms * rank)
+        return flat[:, peft_column_order(terms, rank).to(flat.device)]
+
+    A = shared.get(f"{a_name}.{rank}x{small}", (rank, small), a_slice, device, dtype)
+    B = shared.get(f"{b_name}.{large}x{terms}x{rank}", (large, terms * rank), b_slice, device, dtype)
+    return A, B
+
+
 # --- the frozen bases of one layer shape ----------------------------------------------------------
 
 class RandomBases:
@@ -219,24 +294,31 @@ class RandomBases:
     """
 
     def __init__(self, shared: SharedTensors, basis: str, sparsity: Optional[float], large: int, small: int,
-                 rank: int, num_terms: int, device: torch.device, dtype: torch.dtype, per_term: bool = False):
+                 rank: int, num_terms: int, device: torch.device, dtype: torch.dtype, per_term: bool = False,
+                 peft_pair: Optional[PeftPair] = None):
         self.large, self.small, self.rank, self.num_terms = large, small, rank, num_terms
         self.sparse = basis == "sparse"
         self.per_term = per_term and self.sparse
         self.device = torch.device(device)
         self.dtype = dtype
+        self.basis, self.peft_pair, self._shared = basis, peft_pair, shared
         stacked = num_terms * rank
         if not self.sparse:
             sampler = {"uniform": _uniform, "normal": _normal, "binary": lambda sh, g: _ternary(sh, g, 2.0)}[basis]
-            self.A = shared.get(f"randlora.{basis}.A.{rank}x{small}", (rank, small), sampler, device, dtype)
-            b_name = f"randlora.{basis}.B.{large}x{num_terms}x{rank}"
-            self.B = shared.get(b_name, (large, stacked), sampler, device, dtype)
+            self._sampler = sampler
+            if peft_pair is not None:
+                self.A, self.B = _peft_layout_bases(shared, basis, sampler, peft_pair, rank, small, large, num_terms,
+                                                    device, dtype)
+            else:
+                self.A = shared.get(f"randlora.{basis}.A.{rank}x{small}", (rank, small), sampler, device, dtype)
+                b_name = f"randlora.{basis}.B.{large}x{num_terms}x{rank}"
+                self.B = shared.get(b_name, (large, stacked), sampler, device, dtype)
             self.A_tiled = self.A_tiled_t = self.B_t = self.A_columns = self.A_values = None
             return
         tag = f"randlora.sparse{sparsity:g}"
         # per-term A under its own name: a different tensor from the shared one, never a cache hit for it
         a_name = f"{tag}.{'A_terms' if self.per_term else 'A'}.{num_terms}x{rank}x{small}"
-        self._shared, self._a_name = shared, a_name
+        self._a_name = a_name
         b_name = f"{tag}.B.{large}x{num_terms}x{rank}"
 
         def a_tiled(shape, generator):
@@ -283,6 +365,17 @@ class RandomBases:
 
     def dense_B(self) -> Tensor:
         return self.B.to_dense() if self.sparse else self.B
+
+    def peft_bases(self) -> tuple[Tensor, Tensor]:
+        """PEFT's shared pair, A (r, d) and B (D, n, r): the model-wide tensors with ``basis_layout: peft``; this
+        shape's own pair in PEFT's column order otherwise (PEFT's pair for an adapter whose layers all have
+        this shape)."""
+        if self.peft_pair is not None:
+            return _peft_pair_tensors(self._shared, self.basis, self._sampler, self.peft_pair, self.rank, self.device,
+                                      self.dtype)
+        to_peft = torch.argsort(peft_column_order(self.num_terms, self.rank))
+        permuted = self.dense_B()[:, to_peft.to(self.device)]
+        return self.dense_A(), permuted.reshape(self.large, self.num_terms, self.rank)
 
     # M = scaling · [Λ_1 A Γ_1; …; Λ_n A Γ_n], shape (n·r, d)
     def scaled_basis(self, lambdas: Tensor, gammas: Tensor, scaling: float, dtype: torch.dtype,
@@ -619,7 +712,19 @@ class RandLoRALayer(AdapterLayer):
     def _make_bases(self, device) -> RandomBases:
         return RandomBases(self._shared, self.config.basis, self.sparsity, self.large_features,
                            self.small_features, self.basis_rank, self.num_terms, device, self.frozen_dtype,
-                           per_term=self.keep_rank)
+                           per_term=self.keep_rank, peft_pair=self._peft_pair())
+
+    def _peft_pair(self) -> Optional[PeftPair]:
+        if self.config.basis_layout != "peft":
+            return None
+        own_shape = (self.in_features, self.out_features)
+        if tuple(self._shared.target_shapes.get(self.name, ())) != own_shape:
+            # the model-wide pair is sized by every target: sized from this layer alone it would differ
+            raise ValueError(
+                f"RandLoRA layer {self.name} ({own_shape[0]}->{own_shape[1]}) with basis_layout: peft is not listed in "
+                "SharedTensors.target_shapes; build the SharedTensors with every adapted layer's (in, out)"
+            )
+        return PeftPair.of(self._shared.target_shapes, self.basis_rank)
 
     @property
     def bases(self) -> RandomBases:
@@ -651,6 +756,14 @@ class RandLoRALayer(AdapterLayer):
         else:
             C = bases.B.float() @ M
         return C if self.input_is_small else C.mT.contiguous()
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """ΔW = B·M (or its transpose) with M = scaling·[Λ_1 A Γ_1; …; Λ_n A Γ_n]: inner dimension n·r ≥ d."""
+        bases = self.bases
+        M, _ = bases.scaled_basis(self.lambdas.detach().float(), self.gammas.detach().float(), self.scaling, torch.float32)
+        B = bases.dense_B().float()
+        M = M.to_dense() if bases.sparse else M
+        return (B, M) if self.input_is_small else (M.mT, B.mT)
 
     def rank_ceiling(self) -> Optional[int]:
         # ΔW = B·M reads only the small-side directions some A_j has a non-zero in, and writes only the
