@@ -526,20 +526,20 @@ class DataOrder:
         return step * self.batch_size / self.n
 
 
+# attention implementations that find a row's examples from its position ids
+ROW_ATTENTION = ("flash_attention_2", PACKED_ATTENTION)
+
+
 def collate(examples: list[dict], pad_id: int, attention: str = "sdpa", mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; padding is ignored in the loss. Unpacked rows need no attention mask: under
-    causal attention a real token never sees the padding after it, and padding carries no label, so the
-    loss and its gradients are those of each example alone, and attention runs its unmasked (fused, on
-    the CPU too) kernel without repeating the grouped keys and values. Packed rows (with ``position_ids``) are laid out for the attention that will read them: concatenated
-    into one row without any padding for attention that finds the examples from the position ids
-    (``flash_attention_2``, :data:`lrft.packed_attention.NAME`); otherwise padded rows with a 4D
-    block-diagonal causal mask, bool for SDPA, additive in ``mask_dtype`` for eager attention, where the
-    padding at a row's end is a segment of its own, so it changes no real token."""
-    if "position_ids" in examples[0] and attention in ("flash_attention_2", PACKED_ATTENTION):
-        return {
-            key: torch.tensor([[t for e in examples for t in e[key]]], dtype=torch.long)
-            for key in ("input_ids", "labels", "position_ids")
-        }
+    """A micro-batch laid out for the attention that will read it. For attention that finds the examples
+    from the position ids (:data:`ROW_ATTENTION`; training switches SDPA models to it), one row of the
+    real tokens of every example and packed row, with no padding at all (:func:`one_row`). Otherwise
+    right-padded rows: unpacked ones need no attention mask (under causal attention a real token never sees
+    the padding after it, and padding carries no label, so the attention keeps its unmasked kernel);
+    packed ones get a 4D block-diagonal causal mask, bool for SDPA, additive in ``mask_dtype`` for eager
+    attention, where the padding at a row's end is a segment of its own, so it changes no real token."""
+    if attention in ROW_ATTENTION:
+        return one_row(examples)
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -558,6 +558,20 @@ def collate(examples: list[dict], pad_id: int, attention: str = "sdpa", mask_dty
     batch["position_ids"] = positions
     batch["attention_mask"] = block_causal_mask(positions, attention, mask_dtype)
     return batch
+
+
+def one_row(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Examples (or packed rows) concatenated into one row: position ids restart at 0 per example, and
+    each example's first label is ignored, as the shift by one ignores it in a padded row (the previous
+    example's last token would otherwise predict it)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for example in examples:
+        ids += example["input_ids"]
+        labels += [IGNORE_INDEX] + example["labels"][1:]
+        positions += example.get("position_ids") or range(len(example["input_ids"]))
+    return {key: torch.tensor([values], dtype=torch.long) for key, values in (("input_ids", ids), ("labels", labels), ("position_ids", positions))}
 
 
 def block_causal_mask(positions: torch.Tensor, attention: str, dtype: torch.dtype) -> torch.Tensor:
@@ -587,12 +601,12 @@ def target_tokens(examples: list[dict]) -> int:
 
 def padded_tokens(examples: list[dict], processes: int, micro_batch_size: int, attention: str = "sdpa") -> int:
     """Tokens the forward passes of a global batch compute, padding included (each micro-batch is padded to
-    its longest member, except packed rows that :func:`collate` concatenates for ``attention``)."""
+    its longest member, unless :func:`collate` lays it out as one row for ``attention``)."""
     per_process = len(examples) // processes
     total = 0
     for rank in range(processes):
         for chunk in micro_batches(examples[rank * per_process : (rank + 1) * per_process], micro_batch_size):
-            if "position_ids" in chunk[0] and attention in ("flash_attention_2", PACKED_ATTENTION):
+            if attention in ROW_ATTENTION:
                 total += sum(len(e["input_ids"]) for e in chunk)
             else:
                 total += len(chunk) * max(len(e["input_ids"]) for e in chunk)

@@ -1,15 +1,16 @@
-"""Attention for packed micro-batches that computes no masked-out score and no padding.
+"""Attention for micro-batches laid out as one row of real tokens: no padding, no masked-out score.
 
-A packed micro-batch is collated into one row of concatenated examples whose position ids restart at 0
-per example (the same layout FlashAttention's variable-length path reads on CUDA). SDPA with a 4D
-block-diagonal mask computes every (query, key) score of a row and then discards those across examples,
-and a mask keeps SDPA off its fused kernels; on the CPU that cost more than padding saved. Here each
-example's segment runs through SDPA on its own with ``is_causal=True``, which is exact (a token sees
-only earlier tokens of its own example) and uses the fused kernel.
+Training collates each micro-batch, of examples or of packed rows, into one row of concatenated examples
+whose position ids restart at 0 per example (the same layout FlashAttention's variable-length path reads
+on CUDA; :func:`lrft.data.one_row`). SDPA with a 4D block-diagonal mask computes every (query, key) score
+of a row and then discards those across examples, and a mask keeps SDPA off its fused kernels; on the CPU
+that cost more than padding saved. Here each example's segment runs through SDPA on its own with
+``is_causal=True``, which is exact (a token sees only earlier tokens of its own example) and uses the
+fused kernel.
 
 The function is registered with transformers' ``AttentionInterface`` under :data:`NAME` (its documented
-way to add an attention implementation) together with SDPA's mask builder, so batches that are not packed
-(evaluation, generation, left padding) get exactly SDPA.
+way to add an attention implementation) together with SDPA's mask builder, so batches of several rows
+(validation, evaluation, generation, left padding) get exactly SDPA.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ def register() -> str:
     return NAME
 
 
-def use_for_packing(model, compute_dtype: torch.dtype = torch.float32) -> str:
-    """Switch a model that attends with SDPA to the packed attention, and return the implementation the
+def use_row_attention(model, compute_dtype: torch.dtype = torch.float32) -> str:
+    """Switch a model that attends with SDPA to the one-row attention, and return the implementation the
     collator should lay batches out for: FlashAttention-2's variable-length kernel on CUDA where
     ``flash_attn`` is installed and the compute dtype is 16-bit (its only dtypes), :data:`NAME` otherwise;
     ``flash_attention_2`` and ``eager`` models are kept as they are."""

@@ -39,7 +39,7 @@ from .inject import count_trainable, inject_adapters, load_adapter_state_dict, t
 from .io import atomic_dir, write_json_atomic, write_text_atomic
 from .loss import summed_token_loss, use_loss_head
 from .model import Dtypes, check_bitsandbytes, load_base_model, load_tokenizer
-from .packed_attention import use_for_packing
+from .packed_attention import use_row_attention
 from .recipe import Recipe, dump_recipe
 from .trackers import log_metrics, start_trackers
 
@@ -212,8 +212,7 @@ def setup_model(recipe: Recipe, accelerator, dtypes: Dtypes, total_steps: int, s
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if recipe.data.packing:
-        use_for_packing(model, dtypes.compute)
+    use_row_attention(model, dtypes.compute)  # micro-batches as one row of real tokens (lrft.data.collate)
     use_loss_head(model)
     if state is not None:  # before FSDP shards the adapter's tensors
         load_adapter_state_dict(layers, state["adapter"], source=str(state["path"] / "adapter" / "adapter.safetensors"))

@@ -84,10 +84,10 @@ def test_loss_head_is_the_plain_head_without_labels_and_keeps_tying():
 
 
 def test_packed_row_and_float32_under_bf16_autocast():
-    from lrft.packed_attention import use_for_packing
+    from lrft.packed_attention import use_row_attention
 
     model, trained = tiny_model("llama", torch.float32)
-    use_for_packing(model)  # a row of two examples, as collate lays packed micro-batches out
+    use_row_attention(model)  # a row of two examples, as collate lays packed micro-batches out
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (1, 20), generator=g)
     batch = {

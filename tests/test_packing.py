@@ -54,10 +54,15 @@ def test_packed_batch_equals_the_same_examples_unpacked_in_float64(adapter_type,
     assert len(rows) < len(examples)
     if attention == packed_attention.NAME:  # one row, no padding at all
         assert collate(rows, 0, attention)["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
-    packed_loss, packed_grads = loss_and_grads(model, layers, collate(rows, 0, attention, torch.float64), n_target)
-    torch.testing.assert_close(packed_loss, loss, rtol=0, atol=1e-10)
-    for key, grad in grads.items():
-        torch.testing.assert_close(packed_grads[key], grad, rtol=0, atol=1e-10, msg=lambda m: f"{key}: {m}")
+    layouts = {"packed": collate(rows, 0, attention, torch.float64)}
+    if attention == packed_attention.NAME:  # unpacked examples too are trained as one row of real tokens
+        layouts["one row"] = collate(examples, 0, attention)
+        assert layouts["one row"]["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
+    for layout, batch in layouts.items():
+        packed_loss, packed_grads = loss_and_grads(model, layers, batch, n_target)
+        torch.testing.assert_close(packed_loss, loss, rtol=0, atol=1e-10, msg=layout)
+        for key, grad in grads.items():
+            torch.testing.assert_close(packed_grads[key], grad, rtol=0, atol=1e-10, msg=lambda m: f"{layout} {key}: {m}")
 
 
 @pytest.mark.slow
@@ -81,7 +86,7 @@ def test_packed_batch_on_the_embedded_smollm2_in_4bit():
     n_target = target_tokens(examples)
     loss, grads = loss_and_grads(model, layers, collate(examples, tokenizer.pad_token_id), n_target)
     rows = pack(examples, 256)
-    attention = packed_attention.use_for_packing(model)
+    attention = packed_attention.use_row_attention(model)
     assert attention == packed_attention.NAME
     packed_loss, packed_grads = loss_and_grads(model, layers, collate(rows, tokenizer.pad_token_id, attention), n_target)
     torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=0)
@@ -105,7 +110,7 @@ def test_packed_batch_with_flash_attention_on_cuda():
     n_target = target_tokens(examples)
     with torch.no_grad():
         unpacked = summed_token_loss(model, {k: v.cuda() for k, v in collate(examples, 0).items()}) / n_target
-        assert packed_attention.use_for_packing(model, torch.bfloat16) == "flash_attention_2"
+        assert packed_attention.use_row_attention(model, torch.bfloat16) == "flash_attention_2"
         batch = collate(pack(examples, 64), 0, "flash_attention_2")
         assert "attention_mask" not in batch
         packed = summed_token_loss(model, {k: v.cuda() for k, v in batch.items()}) / n_target
@@ -143,7 +148,7 @@ def test_packed_attention_is_plain_sdpa_on_batches_that_are_not_packed():
     mask[1, :2] = 0
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits
-        assert packed_attention.use_for_packing(model) == packed_attention.NAME
+        assert packed_attention.use_row_attention(model) == packed_attention.NAME
         got = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
