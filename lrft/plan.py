@@ -47,6 +47,7 @@ from .data import (
 )
 from .errors import UserError
 from .inject import count_trainable, find_targets, inject_adapters, trainable_parameters
+from .activations import swiglu_mlps
 from .loss import chunk_rows, fits_loss_head
 from .model import Dtypes, build_meta_model, default_device, is_linear, load_tokenizer
 from .recipe import Recipe
@@ -401,6 +402,7 @@ class Shapes:
     width: int
     act_bytes: int  # bytes per activation element (the compute dtype)
     loss_head: bool  # the loss goes through lrft.loss.LossHead, a chunk of logits at a time
+    mlp_kept: int  # intermediate-sized tensors an MLP keeps: 2 through lrft.activations.SwiGLU, else 3
 
     @classmethod
     def of(cls, model, largest: tuple[int, int], act_bytes: int) -> "Shapes":
@@ -409,7 +411,7 @@ class Shapes:
         kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         return cls(
             c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, kv_heads, head_dim, c.vocab_size,
-            *largest, act_bytes, fits_loss_head(model),
+            *largest, act_bytes, fits_loss_head(model), 2 if swiglu_mlps(model) else 3,
         )
 
     @property
@@ -421,9 +423,10 @@ def block_bytes(s: Shapes) -> float:
     """Activations one decoder layer's base saves for the backward (Llama layout; frozen and quantized
     linears save none): both RMSNorm inputs; SDPA's query, key and value (grouped key and value heads
     once: training batches attend without a mask, so SDPA reads the shared heads itself) and output, and
-    its float32 log-sum-exp; the MLP's gate, activation and up outputs."""
+    its float32 log-sum-exp; the MLP's gate and up outputs (and the activation's, unless lrft's SwiGLU
+    recomputes it)."""
     attention = (2 * s.heads + 2 * s.kv_heads) * s.head_dim
-    per_token = (2 * s.hidden + attention + 3 * s.intermediate) * s.act_bytes + 4 * s.heads
+    per_token = (2 * s.hidden + attention + s.mlp_kept * s.intermediate) * s.act_bytes + 4 * s.heads
     return per_token * s.tokens
 
 

@@ -29,6 +29,7 @@ import torch
 
 from . import __version__
 from .adapter_folder import base_record, save_adapter
+from .activations import use_swiglu
 from .adapters import get_adapter
 from .checkpoint import check_resume, checkpoints, planned_steps, read_checkpoint, restore_checkpoint, save_checkpoint, seed_everything
 from .data import DataOrder, TokenizedData, collate, load_training_data, micro_batches, padded_tokens, target_tokens
@@ -36,6 +37,7 @@ from .distributed import agree, clip_grad_norm, fsdp_own_units, fsdp_requested_w
 from .errors import TrainingDiverged, UserError
 from .evaluate import mean_token_loss
 from .inject import count_trainable, inject_adapters, load_adapter_state_dict, trainable_parameters
+from .heap import trim_after_each_layer, trim_heap
 from .io import atomic_dir, write_json_atomic, write_text_atomic
 from .loss import summed_token_loss, use_loss_head
 from .model import Dtypes, check_bitsandbytes, load_base_model, load_tokenizer
@@ -213,7 +215,10 @@ def setup_model(recipe: Recipe, accelerator, dtypes: Dtypes, total_steps: int, s
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     use_row_attention(model, dtypes.compute)  # micro-batches as one row of real tokens (lrft.data.collate)
+    use_swiglu(model)  # the MLPs keep two intermediate-sized tensors for the backward, not three
     use_loss_head(model)
+    if accelerator.device.type == "cpu":
+        trim_after_each_layer(model)
     if state is not None:  # before FSDP shards the adapter's tensors
         load_adapter_state_dict(layers, state["adapter"], source=str(state["path"] / "adapter" / "adapter.safetensors"))
     model.train()
@@ -313,6 +318,8 @@ def optimizer_step(run: Run) -> StepResult:
                 extra_sum += float(extra.detach()) / len(chunks)
         acc.backward(loss)
         loss_sum += token_loss.detach()
+        if acc.device.type == "cpu":
+            trim_heap()  # the micro-batch's activations are free now (lrft/heap.py)
     if world > 1:
         loss_sum = acc.reduce(loss_sum, reduction="sum")  # the logged loss is the global one
     step_loss = float(loss_sum) / n_target

@@ -145,6 +145,7 @@ def test_saved_activations_match_autograd(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from lrft.data import DataOrder, collate, micro_batches
+    from lrft.activations import use_swiglu
     from lrft.loss import summed_token_loss, use_loss_head
     from lrft.inject import inject_adapters
     from lrft.plan import make_plan
@@ -161,7 +162,7 @@ def test_saved_activations_match_autograd(tiny_model_dir):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).requires_grad_(False)
     inject_adapters(model, recipe.adapter, torch.float32)
-    assert use_loss_head(model)
+    assert use_swiglu(model) and use_loss_head(model)
     model.train()
     own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     saved = {}
