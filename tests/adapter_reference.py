@@ -19,7 +19,7 @@ from torch import Tensor
 from conftest import make_linear
 from lrft.adapters import get_adapter
 from lrft.adapters.base import SharedTensors
-from lrft.model import dequantized_weight
+from lrft.adapters.frozen_linear import dequantized_weight
 
 
 def _lora(layer, t) -> Tensor:

@@ -5,7 +5,7 @@ from adapter_reference import NAIVE, naive_of, options_for, randomize_trainables
 from conftest import make_linear
 from lrft.adapters import get_adapter
 from lrft.adapters.base import SharedTensors
-from lrft.model import dequantized_weight
+from lrft.adapters.frozen_linear import dequantized_weight
 
 SPEC = get_adapter("dora")
 KINDS = ["none", "nf4", "fp4", "int8"]
