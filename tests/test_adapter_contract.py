@@ -19,8 +19,9 @@ option set of ``CONTRACT_VARIANTS`` (options that change how the type builds ΔW
   the same run trained straight through: adapter tensors (masks included), controller state (AdaLoRA's and
   LoRA²'s importance, RM-LoRA's update counts) and optimizer state.
 
-The on-disk checks run on ``byte_base``, a tiny Llama whose vocabulary is 257 bytes: the model's output head,
-the largest part of a real tokenizer's tiny model, then costs nothing.
+The checks on disk and in training run on ``byte_base`` (conftest.py), a tiny Llama with a byte-level
+vocabulary of 257 instead of SmolLM2's 49152: the output head, most of the work of a tiny model with a real
+tokenizer, then costs next to nothing.
 """
 
 import json
@@ -39,10 +40,13 @@ TYPES = known_types()
 # every type with its CONTRACT_OPTIONS, and the option variants of adapter_reference.CONTRACT_VARIANTS
 CASES = contract_cases(TYPES)
 BASES = ["none", "nf4", "fp4", "int8"]
-# LLM.int8 quantizes the activations too, so its kernel is not x·Wᵀ; adapters whose output rescales the
-# base output (DoRA) cannot equal x·(W + ΔW)ᵀ on it and are checked against the kernel in their own file
+# Both orientations on the plain base (RandLoRA transposes ΔW when in > out), one on each quantized base (its
+# kernel and its dequantization are what it adds). LLM.int8 quantizes the activations too, so its kernel is not
+# x·Wᵀ; adapters whose output rescales the base output (DoRA) cannot equal x·(W + ΔW)ᵀ on it and are checked
+# against the kernel in their own file.
 FORWARD_CASES = [
-    pytest.param(*case.values, base, id=f"{case.id}-{base}") for case in CASES for base in BASES
+    pytest.param(*case.values, base, shape, id=f"{case.id}-{base}-{shape[0]}x{shape[1]}")
+    for case in CASES for base in BASES for shape in ([(64, 128), (128, 64)] if base == "none" else [(128, 64)])
     if not (base == "int8" and get_adapter(case.values[0]).layer.needs_base_weight)
 ]
 
@@ -69,8 +73,7 @@ def test_starts_from_the_base_model(kind, options):
         assert torch.equal(layer.eval()(x), layer.base_layer(x))
 
 
-@pytest.mark.parametrize("kind, options, base", FORWARD_CASES)
-@pytest.mark.parametrize("shape", [(64, 128), (128, 64)])
+@pytest.mark.parametrize("kind, options, base, shape", FORWARD_CASES)
 def test_forward_delta_weight_and_gradients_match_the_naive_reference(kind, options, base, shape):
     check_all(build_layer(kind, base, *shape, **options))
 
@@ -229,17 +232,16 @@ def test_inspect_rank_reports_the_layers_own_delta(saved):
 @pytest.mark.parametrize("memory", ["ample", "scarce"])
 def test_folded_for_inference_computes_what_the_adapter_does(saved, memory, monkeypatch):
     """ΔW folded once (lrft.inference.fold: merged into dense weights when memory allows, as fixed factors or
-    kept as trained when it does not) against the adapter's training-time path, on the 4-bit base: the
-    tolerance of merge verification in float32."""
+    kept as trained when it does not) against the adapter's training-time path (the model it was saved from),
+    on the 4-bit base: the tolerance of merge verification in float32."""
     from lrft import inference
     from lrft.merge import TOLERANCES, compare_logits
 
-    folder_path, _, layers = saved
+    folder_path, trained, layers = saved
     if memory == "scarce":  # room for nothing dense: each layer is factored or kept
         monkeypatch.setattr(inference, "available_bytes", lambda device: 2)
     ids = token_ids(2)
     folded = inference.load_for_inference(folder_path, None)
-    kept = inference.load_for_inference(folder_path, None, keep_quantized=True)
     if memory == "ample":
         assert folded.note == f"ΔW folded for inference: {len(layers)} layers merged into dense float32 weights (+0 MB)"
     else:
@@ -248,7 +250,7 @@ def test_folded_for_inference_computes_what_the_adapter_does(saved, memory, monk
                   and layer.factors()[0].shape[1] <= inference.FACTORED_SHARE * min(layer.in_features, layer.out_features)]
         assert (f"{len(narrow)} layers as fixed low-rank factors" in folded.note) == bool(narrow)
     with torch.no_grad():
-        figures = compare_logits(list(kept.model(input_ids=ids).logits.float()), list(folded.model(input_ids=ids).logits.float()))
+        figures = compare_logits(list(trained(input_ids=ids).logits.float()), list(folded.model(input_ids=ids).logits.float()))
     rel, kl = TOLERANCES["float32"]
     assert figures["max_abs_logit_diff"] <= rel * max(1.0, figures["max_abs_logit"]) and figures["mean_kl"] <= kl
 
