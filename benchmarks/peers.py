@@ -265,7 +265,7 @@ def main() -> None:
                 runs[f"{tool}-{mode}"].append(measured)
                 rate = statistics.median(s["tokens"] / s["seconds"] for s in measured["steps"][args.warmup:])
                 print(f"round {round_ + 1} {tool} {mode}: {rate:.0f} real tokens/s, peak RSS {measured['peak_rss_mb']:,.0f} MB", flush=True)
-    from lrft.train import machine_info
+    from lrft.machine import machine_info
 
     machine = machine_info()
     result = {

@@ -752,7 +752,7 @@ def machine_info(device: str) -> dict:
 
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    from lrft.train import machine_info as lrft_machine_info
+    from lrft.machine import machine_info as lrft_machine_info
 
     machine = lrft_machine_info()
     info["cpu"] = machine["cpu"]

@@ -821,7 +821,7 @@ def _alive(pid: int) -> bool:
 
 
 def machine() -> str:
-    from lrft.train import machine_info
+    from lrft.machine import machine_info
 
     info = machine_info()
     return (f"{info['cpu']} ({', '.join(info['cpu_flags']) or 'no AVX2'}), {info['cpu_cores']} CPU cores, "

@@ -68,7 +68,7 @@ from study import ROOT, ensure  # noqa: E402  (the shared helper; it puts this c
 from lrft.adapters import get_adapter  # noqa: E402
 from lrft.adapters.randlora import RandLoRAConfig, RandLoRALayer, _uniform  # noqa: E402
 from lrft.inject import inject_adapters  # noqa: E402
-from lrft.train import machine_info  # noqa: E402
+from lrft.machine import machine_info  # noqa: E402
 
 SCHEMA = 1
 EXACT = 1e-5  # relative error treated as an exact fit (float32 floor of the fit)

@@ -39,8 +39,9 @@ from .adapters import AdapterSpec, get_adapter, known_types
 from .adapters.base import AdapterConfig, AdapterLayer, SharedTensors, rebuilding_trained_layers
 from .errors import UserError
 from .inject import adapter_state_dict, count_trainable, replace_module, split_by_layer
-from .io import save_tensors_atomic, write_json_atomic
+from .io import read_safetensors, save_tensors_atomic, write_json_atomic
 from .model import DTYPES, Dtypes, default_device, dtype_name
+from .peft_format import PEFT_WEIGHTS_NAME, peft_folder_fields
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -120,17 +121,6 @@ def read_json_object(path: Path, fix: str) -> dict[str, Any]:
     return data
 
 
-def read_safetensors(path: Path, fix: str) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise UserError(f"{path.parent} has no {path.name}; {fix}")
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for damaged files
-        raise UserError(f"{path} is truncated or corrupt ({exc}); re-save the adapter or use a checkpoint's") from None
-
-
 @dataclass
 class AdapterFolder:
     """An adapter on disk (lrft's or PEFT's format) and the base it was trained on, validated."""
@@ -157,9 +147,7 @@ class AdapterFolder:
             raise UserError(f"adapter folder {path} does not exist; {fix}")
         data = read_json_object(path / CONFIG_NAME, fix)
         if "peft_type" in data:
-            from .peft_format import read_peft_folder
-
-            folder = read_peft_folder(path, data)
+            folder = cls(path=path, format="peft", **peft_folder_fields(path, data))
         else:
             folder = cls._read_lrft(path, data)
         folder.check_tensors()
@@ -222,7 +210,7 @@ class AdapterFolder:
     def check_tensors(self) -> None:
         """Every layer's tensors have the names and shapes its class creates (built on the meta device)."""
         shared = SharedTensors(self.config.seed, self.layer_shapes)
-        where = self.path / (WEIGHTS_NAME if self.format == "lrft" else "adapter_model.safetensors")
+        where = self.path / (WEIGHTS_NAME if self.format == "lrft" else PEFT_WEIGHTS_NAME)
         for name, (in_features, out_features) in self.layer_shapes.items():
             stand_in = ShapeOnlyLinear(in_features, out_features, device="meta")
             try:

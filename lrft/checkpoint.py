@@ -25,10 +25,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .adapter_folder import WEIGHTS_NAME, read_safetensors, save_adapter
+from .adapter_folder import WEIGHTS_NAME, save_adapter
 from .distributed import is_sharded, load_optimizer_state, optimizer_state, whole_adapter
 from .errors import UserError
-from .io import atomic_dir
+from .io import atomic_dir, read_safetensors
 from .recipe import Recipe
 
 # Keys a resume may change: none of them alters which examples a step sees, the schedule or the model.

@@ -38,8 +38,8 @@ large enough for the Gram matrix's rounding (k · eps · λ_max) to leave it six
 that layer gets singular values from an SVD. On CUDA it is an SVD in float32. Layers of equal shape are
 batched. On the CPU the small per-layer work runs on one thread (see ``one_thread``).
 
-``orthogonality_residuals`` is the one definition of ‖AAᵀ − I‖ and ‖BᵀB − I‖: the regularisers of RM-LoRA,
-AdaLoRA and LoRA² call it in training and inspect-rank calls it to report them.
+:func:`lrft.adapters.base.orthogonality_residuals` is the one definition of ‖AAᵀ − I‖ and ‖BᵀB − I‖: the
+regularisers of RM-LoRA, AdaLoRA and LoRA² call it in training and inspect-rank calls it to report them.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
+
+from .adapters.base import orthogonality_residuals
 
 # ΔW is defined in float32 (see the module docstring): the default rank rule uses its eps.
 RANK_EPS = torch.finfo(torch.float32).eps
@@ -76,23 +78,6 @@ class InspectedLayer:
     delta_weight: Callable[[torch.device], Tensor]  # dense ΔW (out, in), formed on the given device
     orthogonality_factors: Callable[[], Optional[tuple[Tensor, Tensor]]] = lambda: None  # unscaled (B, A)
     rank_ceiling: Callable[[], Optional[int]] = lambda: None  # AdapterLayer.rank_ceiling
-
-
-# --- orthogonality ---------------------------------------------------------------------------------------
-
-
-def gram_residual(gram: Tensor, squared: bool = True) -> Tensor:
-    """``‖G − I‖²_F`` (``squared``) or ``‖G − I‖_F`` of a square Gram matrix G."""
-    residual = gram - torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
-    # vector_norm's gradient at an exactly orthogonal factor is 0, where sqrt(sum of squares) gives NaN
-    return (residual * residual).sum() if squared else torch.linalg.vector_norm(residual)
-
-
-def orthogonality_residuals(B: Tensor, A: Tensor, squared: bool = True) -> tuple[Tensor, Tensor]:
-    """(‖AAᵀ − I‖, ‖BᵀB − I‖), squared or not, for ΔW ∝ B A (A: r × in, B: out × r), in ``A``'s dtype: the
-    regularisers of RM-LoRA (eq. 10), AdaLoRA (P = B, Q = A) and LoRA² (between planes), and what inspect-rank
-    reports of them."""
-    return gram_residual(A @ A.T, squared), gram_residual(B.T @ B, squared)
 
 
 # --- spectra -----------------------------------------------------------------------------------------

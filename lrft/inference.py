@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from .errors import UserError
 from .inject import replace_module
-from .model import dequantized_weight, dtype_name
+from .adapters.frozen_linear import dequantized_weight
+from .model import dtype_name
 
 # a layer is folded as factors when its inner dimension is at most this share of min(in, out)
 FACTORED_SHARE = 0.25

@@ -1,5 +1,6 @@
 """Crash-safe writes: everything lrft writes goes to a temporary name in the same folder and is renamed,
-so a kill at any moment leaves either the old file or the new one, never half of one."""
+so a kill at any moment leaves either the old file or the new one, never half of one. And the one read of a
+safetensors file (adapters, PEFT adapters, checkpoints), which turns a missing or damaged file into one line."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from torch import Tensor
+
+from .errors import UserError
 
 
 def write_bytes_atomic(path: Path | str, data: bytes) -> None:
@@ -34,6 +39,18 @@ def write_text_atomic(path: Path | str, text: str) -> None:
 
 def write_json_atomic(path: Path | str, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_safetensors(path: Path, fix: str) -> dict[str, Tensor]:
+    """The tensors of ``path``; a missing file is a UserError that ends with ``fix``."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"{path.parent} has no {path.name}; {fix}")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for damaged files
+        raise UserError(f"{path} is truncated or corrupt ({exc}); re-save the adapter or use a checkpoint's") from None
 
 
 def save_tensors_atomic(path: Path | str, tensors: dict, metadata: dict | None = None) -> None:

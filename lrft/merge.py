@@ -59,11 +59,10 @@ import torch
 from torch import Tensor, nn
 
 from .adapter_folder import AdapterFolder
+from .adapters.frozen_linear import dequantized_weight
 from .errors import UserError
 from .io import atomic_dir, save_tensors_atomic, write_json_atomic
-from .model import (
-    DTYPES, bnb_config, check_bitsandbytes, default_device, dequantized_weight, dtype_name, load_tokenizer, resolve_model_path,
-)
+from .model import DTYPES, bnb_config, check_bitsandbytes, default_device, dtype_name, load_tokenizer, resolve_model_path
 
 if TYPE_CHECKING:
     from .lora_export import CheckOptions

@@ -25,8 +25,9 @@ lrft adapter with that layout exports whatever its layer shapes. An adapter with
 pair per layer shape) exports only when all its layers have one shape (that shape's pair, reordered, is PEFT's
 pair), and never with ``keep_rank`` (one A per term, which PEFT's single A cannot hold).
 
-Importing: :func:`read_peft_folder` returns an :class:`~lrft.adapter_folder.AdapterFolder` whose frozen
-tensors come from the file (``SharedTensors.provided``) rather than lrft's seed, so ``lrft eval``,
+Importing: :func:`peft_folder_fields` reads a PEFT folder into the fields of the
+:class:`~lrft.adapter_folder.AdapterFolder` that ``AdapterFolder.read`` builds, its frozen tensors from the
+file (``SharedTensors.provided``) rather than lrft's seed, so ``lrft eval``,
 ``lrft merge`` and ``lrft inspect-rank`` take a PEFT adapter as they take their own. PEFT records no
 quantization: the base loads unquantized unless ``--quantization`` says otherwise. VeRA and RandLoRA files
 do not record the layers' input widths, which come from the base model's config (no weights loaded).
@@ -47,7 +48,7 @@ from torch import Tensor
 
 from .adapters import get_adapter
 from .errors import UserError
-from .io import atomic_dir, save_tensors_atomic, write_json_atomic
+from .io import atomic_dir, read_safetensors, save_tensors_atomic, write_json_atomic
 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -255,11 +256,11 @@ _IMPORTERS: dict[str, Callable] = {
 }
 
 
-def read_peft_folder(path: Path, config: dict[str, Any]):
-    """A PEFT adapter folder as an :class:`~lrft.adapter_folder.AdapterFolder` (validated by its caller)."""
+def peft_folder_fields(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """A PEFT adapter folder (``config``: its adapter_config.json) as the fields of an
+    :class:`~lrft.adapter_folder.AdapterFolder` other than ``path`` and ``format`` (validated by its caller)."""
     from pydantic import ValidationError
 
-    from .adapter_folder import AdapterFolder, read_safetensors
     from .model import Dtypes, default_device, dtype_name
     from .recipe import ModelSection, QuantizationSection
 
@@ -296,8 +297,8 @@ def read_peft_folder(path: Path, config: dict[str, Any]):
     resolved = Dtypes.resolve(model, quantization, default_device())
     # PEFT keeps its projections in float32 and computes its adapters in their parameters' dtype
     dtypes = Dtypes(resolved.load, resolved.compute, torch.float32)
-    return AdapterFolder(
-        path=path, format="peft", config=adapter_config, layer_shapes=imported.shapes, tensors=imported.tensors,
+    return dict(
+        config=adapter_config, layer_shapes=imported.shapes, tensors=imported.tensors,
         model=model.model_copy(update={"dtype": dtype_name(dtypes.load)}),
         quantization=quantization.model_copy(update={"compute_dtype": dtype_name(dtypes.compute)}),
         dtypes=dtypes, record=config, layer_configs=layer_configs, frozen_tensors=imported.frozen, notes=notes,

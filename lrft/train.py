@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
-import resource
 import shutil
 import signal
 import sys
@@ -36,11 +33,13 @@ from .data import DataOrder, TokenizedData, collate, load_training_data, micro_b
 from .distributed import agree, clip_grad_norm, fsdp_own_units, fsdp_requested_without_fsdp, is_fsdp, make_accelerator, whole_adapter
 from .errors import TrainingDiverged, UserError
 from .evaluate import mean_token_loss
-from .inject import count_trainable, inject_adapters, load_adapter_state_dict, trainable_parameters
 from .heap import trim_after_each_layer, trim_heap
+from .inject import count_trainable, inject_adapters, load_adapter_state_dict
 from .io import atomic_dir, write_json_atomic, write_text_atomic
 from .loss import summed_token_loss, use_loss_head
-from .model import Dtypes, check_bitsandbytes, load_base_model, load_tokenizer
+from .machine import library_versions, machine_info, peak_memory_mb
+from .model import Dtypes, load_base_model, load_tokenizer
+from .optim import lr_schedule, setup_optimizer
 from .packed_attention import use_row_attention
 from .recipe import Recipe, dump_recipe
 from .trackers import log_metrics, start_trackers
@@ -157,10 +156,7 @@ def setup(recipe: Recipe, resume: bool, overwrite: bool, extend_schedule: bool) 
     if state is not None:
         restore_checkpoint(run, state)
         if extension:  # the schedule for the new length, at the step reached (its lr is the next step's)
-            run.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                base_optimizer, lr_lambda(recipe.training.lr_scheduler, recipe.training.warmup_steps, total_steps),
-                last_epoch=run.step - 1,
-            )
+            run.scheduler = lr_schedule(base_optimizer, recipe.training, total_steps, run.step)
         console.print(f"resumed from {resume_from} at step {run.step}")
     start_records(run)
     return run
@@ -227,19 +223,6 @@ def setup_model(recipe: Recipe, accelerator, dtypes: Dtypes, total_steps: int, s
         fsdp_own_units(accelerator, layers)
     n_trainable = count_trainable(layers)
     return accelerator.prepare(model), layers, controller, n_trainable
-
-
-def setup_optimizer(recipe: Recipe, accelerator, layers: dict, total_steps: int):
-    """AdamW (``training.optimizer``) over the adapter's parameters as the wrapped model holds them (FSDP
-    replaces their storage), prepared so that fp16's gradient scaler unscales and skips overflowing steps;
-    the schedule drives the plain optimizer (a prepared one would step once per process)."""
-    tcfg = recipe.training
-    params = trainable_parameters(layers)
-    kind = optimizer_class(tcfg.optimizer, accelerator.device)
-    base_optimizer = kind(params, lr=tcfg.learning_rate, betas=tcfg.adam_betas, weight_decay=tcfg.weight_decay)
-    optimizer = accelerator.prepare(base_optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(tcfg.lr_scheduler, tcfg.warmup_steps, total_steps))
-    return params, optimizer, base_optimizer, scheduler
 
 
 def run_info(run: Run, mixed: str, dtypes: Dtypes, n_trainable: int, state: Optional[dict], extension: Optional[dict]) -> dict[str, Any]:
@@ -439,22 +422,6 @@ def finish(run: Run) -> Path:
     return run.output_dir / "adapter"
 
 
-def optimizer_class(name: str, device: torch.device):
-    if name == "adamw":
-        return torch.optim.AdamW
-    check_bitsandbytes(8)
-    import bitsandbytes as bnb
-
-    if name == "paged_adamw_8bit":
-        if device.type != "cuda":
-            raise UserError(
-                "training.optimizer=paged_adamw_8bit pages optimizer state between GPU and CPU memory and needs CUDA; "
-                "use adamw_8bit on this device"
-            )
-        return bnb.optim.PagedAdamW8bit
-    return bnb.optim.AdamW8bit
-
-
 # --- small helpers -----------------------------------------------------------------------------------
 
 
@@ -467,61 +434,6 @@ def write_report(run_dir: Path) -> Optional[Path]:
     except Exception as exc:  # noqa: BLE001 - the run itself is done and saved
         print(f"warning: no report.png ({type(exc).__name__}: {exc})", file=sys.stderr)
         return None
-
-
-def lr_lambda(kind: str, warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return max(0.0, 1.0 - progress)
-
-    return f
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"lrft": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "transformers", "bitsandbytes", "accelerate", "datasets", "safetensors"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
-
-
-def machine_info() -> dict[str, Any]:
-    """The hardware a run or benchmark ran on: CPU model and the vector extensions that change CPU kernel
-    speed (AVX-512, AVX512-BF16 and AMX machines are several times faster than AVX2 ones), cores, torch
-    threads, and the GPU if one is used."""
-    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cpu_flags": [],
-                            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                info["cpu_flags"] = [f for f in CPU_FLAGS if f in flags]
-                break
-    except OSError:
-        pass
-    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return info
 
 
 class StopFlag:

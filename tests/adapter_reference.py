@@ -5,7 +5,8 @@ explicit loops and diagonals, from the layer's trainable tensors (``tensors``: n
 own or float64 copies that autograd differentiates) and its frozen ones. Every registered adapter type
 must have an entry: the contract test fails for a type without one. ``CONTRACT_OPTIONS[type]`` are small
 options that exercise the type (defaults: r = 4); ``CONTRACT_VARIANTS`` adds option sets that change how a
-type builds ΔW (RandLoRA's ``keep_rank``), each checked by the whole contract too.
+type builds ΔW (RandLoRA's ``keep_rank``), each checked by the whole contract too; ``RESUME_OPTIONS`` make a
+type's controller act before and after the resume check's checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor
 from conftest import make_linear
 from lrft.adapters import get_adapter
 from lrft.adapters.base import SharedTensors
-from lrft.model import dequantized_weight
+from lrft.adapters.frozen_linear import dequantized_weight
 
 
 def _lora(layer, t) -> Tensor:
@@ -117,6 +118,14 @@ CONTRACT_VARIANTS: dict[str, tuple[str, dict]] = {
     "randlora-keep_rank": ("randlora", {"r": 12, "alpha": 24, "basis": "sparse", "sparsity": 4, "keep_rank": True}),
     # PEFT's layout: one pair of bases for the whole model, sliced and paired per layer shape
     "randlora-peft_layout": ("randlora", {"r": 12, "alpha": 24, "basis_layout": "peft"}),
+}
+
+
+# Options added for the resume check (6 steps, the checkpoint after 3): the rank-budget schedules mask on both
+# sides of the checkpoint (steps 1-3), freeze the final masks at step 4 and hold them at step 5.
+RESUME_OPTIONS: dict[str, dict] = {
+    "adalora": {"target_r": 2, "tinit": 1, "tfinal": 2, "delta_t": 1},
+    "lora2": {"target_r": 2, "tinit": 1, "tfinal": 2, "delta_t": 1},
 }
 
 

@@ -131,6 +131,36 @@ def tiny_base(tmp_path_factory):
     return folder
 
 
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens and an end-of-text token, no merges): any text, a vocabulary of 257."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: i for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def byte_base(tmp_path_factory):
+    """tiny_base with a byte-level tokenizer: a vocabulary of 257 instead of 49152, so that the output head
+    costs next to nothing and a training step, a merge or a PEFT load of the model takes milliseconds."""
+    from transformers import LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("byte_base")
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer), max_position_embeddings=256))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def lrft_main(args, capfd):
     """(exit code, stderr) of ``lrft ARGS`` run through the CLI's ``main`` in this process (no new Python)."""
     from lrft.cli import main

@@ -8,26 +8,45 @@ option set of ``CONTRACT_VARIANTS`` (options that change how the type builds ΔW
 * ΔW = 0 at initialisation, so training starts from the base model;
 * the forward is x·(W + ΔW)ᵀ with ΔW from the naive float64 formula, ``delta_weight()`` is that ΔW, and
   the gradients are autograd's of the naive formula, on plain and quantized bases;
+* under CPU bfloat16 autocast the output and the gradients are the float32 ones within bfloat16's rounding,
+  finite, in the dtypes training expects;
 * a saved adapter reloads bit-identically (layer by layer and attached to a model), merges through
-  ``delta_weight()`` into a model that reproduces base + adapter, and inspect-rank reports its ΔW.
+  ``delta_weight()`` into a model that reproduces base + adapter, and inspect-rank reports its ΔW;
+* every type is either exported to PEFT's format (``lrft merge --format peft``), where PEFT's own
+  ``PeftModel.from_pretrained`` gives lrft's logits and the export reads back with every layer's ΔW, or named
+  in ``lrft.peft_format.UNSUPPORTED`` with the reason, which the export then gives;
+* a run resumed from a checkpoint (lrft.checkpoint's files, read into a fresh model) ends bit-identical to
+  the same run trained straight through: adapter tensors (masks included), controller state (AdaLoRA's and
+  LoRA²'s importance, RM-LoRA's update counts) and optimizer state.
+
+The checks on disk and in training run on ``byte_base`` (conftest.py), a tiny Llama with a byte-level
+vocabulary of 257 instead of SmolLM2's 49152: the output head, most of the work of a tiny model with a real
+tokenizer, then costs next to nothing.
 """
 
 import json
+import shutil
 
 import pytest
 import torch
 
-from adapter_reference import NAIVE, PARAMETERS, build_layer, check_all, contract_cases, naive_figures, naive_of, randomize_trainables
+from adapter_reference import (
+    NAIVE, PARAMETERS, RESUME_OPTIONS, build_layer, check_all, contract_cases, deterministic, naive_figures, naive_of,
+    randomize_trainables,
+)
 from lrft.adapters import get_adapter, known_types
 
 TYPES = known_types()
 # every type with its CONTRACT_OPTIONS, and the option variants of adapter_reference.CONTRACT_VARIANTS
 CASES = contract_cases(TYPES)
 BASES = ["none", "nf4", "fp4", "int8"]
-# LLM.int8 quantizes the activations too, so its kernel is not x·Wᵀ; adapters whose output rescales the
-# base output (DoRA) cannot equal x·(W + ΔW)ᵀ on it and are checked against the kernel in their own file
+# Both orientations on the plain base (RandLoRA transposes ΔW when in > out), one on each quantized base (its
+# kernel and its dequantization are what it adds). LLM.int8 quantizes the activations too, so its kernel is not
+# x·Wᵀ; adapters whose output rescales the base output (DoRA) cannot equal x·(W + ΔW)ᵀ on it and are checked
+# against the kernel in their own file.
 FORWARD_CASES = [
-    pytest.param(*case.values, base, id=f"{case.id}-{base}") for case in CASES for base in BASES
+    pytest.param(*case.values, base, shape, id=f"{case.id}-{base}-{shape[0]}x{shape[1]}")
+    for case in CASES for base in BASES for shape in ([(64, 128), (128, 64)] if base == "none" else [(128, 64)])
     if not (base == "int8" and get_adapter(case.values[0]).layer.needs_base_weight)
 ]
 
@@ -54,8 +73,7 @@ def test_starts_from_the_base_model(kind, options):
         assert torch.equal(layer.eval()(x), layer.base_layer(x))
 
 
-@pytest.mark.parametrize("kind, options, base", FORWARD_CASES)
-@pytest.mark.parametrize("shape", [(64, 128), (128, 64)])
+@pytest.mark.parametrize("kind, options, base, shape", FORWARD_CASES)
 def test_forward_delta_weight_and_gradients_match_the_naive_reference(kind, options, base, shape):
     check_all(build_layer(kind, base, *shape, **options))
 
@@ -77,9 +95,50 @@ def test_factors_are_the_naive_delta_as_a_product(kind, options, shape):
     torch.testing.assert_close(left.double() @ right.double(), expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
 
 
+# --- bfloat16 autocast ---------------------------------------------------------------------------------
+
+# of the largest magnitude: a few roundings to bfloat16's 8-bit significand (2^-8 relative each), chained
+# through up to five factors (LoRA²); the measured worst is 0.012
+BF16_TOLERANCE = 6 * 2**-8
+
+
+@pytest.mark.parametrize("kind, options", CASES)
+@pytest.mark.parametrize("base", ["none", "nf4", "int8"])
+@pytest.mark.parametrize("shape", [(128, 64), (64, 128)])
+def test_bfloat16_autocast_is_the_float32_result_rounded(kind, options, base, shape):
+    """Forward and backward under ``torch.autocast("cpu", dtype=torch.bfloat16)``, frozen tensors stored in
+    bfloat16 as a bfloat16 run stores them, against the same layer in float32: output and gradients (the
+    trainables' and the input's) agree within bfloat16's rounding and are finite; the output has the frozen
+    layer's autocast dtype, every gradient its tensor's dtype (float32)."""
+    layer = deterministic(build_layer(kind, base, *shape, frozen_dtype=torch.bfloat16, **options))
+    trainables = {n: p for n, p in layer.named_parameters() if p.requires_grad}
+    x = torch.randn(2, 5, shape[0], generator=torch.Generator().manual_seed(7))
+    upstream = torch.randn(2, 5, shape[1], generator=torch.Generator().manual_seed(8))
+
+    def forward_backward(autocast: bool):
+        inputs = x.clone().requires_grad_(True)
+        for p in trainables.values():
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(inputs)
+            base_dtype = layer.base_layer(inputs).dtype
+        (out.float() * upstream).sum().backward()
+        return out, base_dtype, {"input": inputs.grad, **{n: p.grad.clone() for n, p in trainables.items()}}
+
+    exact, _, exact_grads = forward_backward(False)
+    rounded, base_dtype, grads = forward_backward(True)
+    assert rounded.dtype == base_dtype and torch.isfinite(rounded).all()
+    torch.testing.assert_close(rounded.float(), exact, atol=BF16_TOLERANCE * float(exact.abs().max()), rtol=0)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32 and torch.isfinite(grad).all(), name
+        want = exact_grads[name]
+        torch.testing.assert_close(grad, want, atol=BF16_TOLERANCE * float(want.abs().max()), rtol=0, msg=lambda m: f"{name}: {m}")
+
+
 # --- on disk: reload, merge, inspect --------------------------------------------------------------------
 
 TARGETS = ["q_proj", "down_proj"]
+VOCAB = 257  # byte_base's
 
 
 def load(folder, bits):
@@ -91,40 +150,51 @@ def load(folder, bits):
     return load_base_model(model_section, quant, torch.device("cpu")), model_section, quant
 
 
-@pytest.fixture(scope="module", params=[pytest.param(case.values, id=case.id) for case in CASES])
-def saved(request, tiny_base, tmp_path_factory):
-    """An adapter of each type (and variant) on the 4-bit tiny base, trainables randomized, saved; with its
-    in-memory layers and model for comparison."""
+def save_random_adapter(base_folder, bits, kind, options, targets, folder):
+    """An adapter of ``kind`` on the base loaded with ``bits``, trainables randomized, saved in ``folder``;
+    returns the model (eval mode) and its layers."""
     from lrft.adapter_folder import base_record, save_adapter
     from lrft.inject import inject_adapters
     from lrft.model import Dtypes
 
-    kind, options = request.param
-    model, model_section, quant = load(tiny_base, 4)
-    config = get_adapter(kind).config(type=kind, target_modules=TARGETS, **options)
+    model, model_section, quant = load(base_folder, bits)
+    config = get_adapter(kind).config(type=kind, target_modules=targets, **options)
     torch.manual_seed(1)
     layers = inject_adapters(model, config)
     for layer in layers.values():
         randomize_trainables(layer, scale=0.05)
-    folder = tmp_path_factory.mktemp("contract") / kind
     save_adapter(folder, layers, config, base_record(model_section, quant, Dtypes.resolve(model_section, quant, torch.device("cpu"))))
-    return folder, model.eval(), layers
+    return model.eval(), layers
 
 
-def test_reloads_bit_identically(saved, tiny_base):
+def token_ids(rows: int):
+    return torch.randint(0, VOCAB, (rows, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module", params=[pytest.param(case.values, id=case.id) for case in CASES])
+def saved(request, byte_base, tmp_path_factory):
+    """An adapter of each type (and variant) on the 4-bit tiny base, trainables randomized, saved; with its
+    in-memory layers and model for comparison."""
+    kind, options = request.param
+    folder = tmp_path_factory.mktemp("contract") / kind
+    model, layers = save_random_adapter(byte_base, 4, kind, options, TARGETS, folder)
+    return folder, model, layers
+
+
+def test_reloads_bit_identically(saved, byte_base):
     from lrft.adapter_folder import AdapterFolder
 
     folder_path, model, layers = saved
     folder = AdapterFolder.read(folder_path)
     assert set(folder.layer_shapes) == set(layers)
-    fresh, _, _ = load(tiny_base, 4)
+    fresh, _, _ = load(byte_base, 4)
     reloaded = folder.attach(fresh)
     with torch.no_grad():
         for name, layer in layers.items():
             assert torch.equal(reloaded[name].delta_weight(), layer.delta_weight()), name
             if not layer.needs_base_weight:  # rebuilt around a shape-only stand-in
                 assert torch.equal(folder.layer(name).delta_weight(), layer.delta_weight()), name
-        ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(0))
+        ids = token_ids(1)
         assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
@@ -162,17 +232,16 @@ def test_inspect_rank_reports_the_layers_own_delta(saved):
 @pytest.mark.parametrize("memory", ["ample", "scarce"])
 def test_folded_for_inference_computes_what_the_adapter_does(saved, memory, monkeypatch):
     """ΔW folded once (lrft.inference.fold: merged into dense weights when memory allows, as fixed factors or
-    kept as trained when it does not) against the adapter's training-time path, on the 4-bit base: the
-    tolerance of merge verification in float32."""
+    kept as trained when it does not) against the adapter's training-time path (the model it was saved from),
+    on the 4-bit base: the tolerance of merge verification in float32."""
     from lrft import inference
     from lrft.merge import TOLERANCES, compare_logits
 
-    folder_path, _, layers = saved
+    folder_path, trained, layers = saved
     if memory == "scarce":  # room for nothing dense: each layer is factored or kept
         monkeypatch.setattr(inference, "available_bytes", lambda device: 2)
-    ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = token_ids(2)
     folded = inference.load_for_inference(folder_path, None)
-    kept = inference.load_for_inference(folder_path, None, keep_quantized=True)
     if memory == "ample":
         assert folded.note == f"ΔW folded for inference: {len(layers)} layers merged into dense float32 weights (+0 MB)"
     else:
@@ -181,6 +250,144 @@ def test_folded_for_inference_computes_what_the_adapter_does(saved, memory, monk
                   and layer.factors()[0].shape[1] <= inference.FACTORED_SHARE * min(layer.in_features, layer.out_features)]
         assert (f"{len(narrow)} layers as fixed low-rank factors" in folded.note) == bool(narrow)
     with torch.no_grad():
-        figures = compare_logits(list(kept.model(input_ids=ids).logits.float()), list(folded.model(input_ids=ids).logits.float()))
+        figures = compare_logits(list(trained(input_ids=ids).logits.float()), list(folded.model(input_ids=ids).logits.float()))
     rel, kl = TOLERANCES["float32"]
     assert figures["max_abs_logit_diff"] <= rel * max(1.0, figures["max_abs_logit"]) and figures["mean_kl"] <= kl
+
+
+# --- PEFT's format: exported and read back, or named unsupported ------------------------------------------
+
+# one layer shape (64 -> 32): an adapter with RandLoRA's default layout (one pair of bases per shape) exports
+# only then; exports of several shapes are in test_peft_format.py
+PEFT_TARGETS = ["k_proj", "v_proj"]
+# options PEFT's counterpart of a type cannot express: the export refuses them, saying why
+PEFT_REFUSES = {"keep_rank": "one random A shared by every term"}
+
+
+def test_every_type_is_exported_to_peft_or_named_unsupported():
+    from lrft.peft_format import EXPORTERS, UNSUPPORTED
+
+    missing = sorted(set(TYPES) - set(EXPORTERS) - set(UNSUPPORTED))
+    assert not missing, f"add an exporter to lrft.peft_format.EXPORTERS or the reason to UNSUPPORTED for {missing}"
+    assert not set(EXPORTERS) & set(UNSUPPORTED) and all(UNSUPPORTED.values())
+
+
+@pytest.mark.parametrize("kind, options", CASES)
+def test_peft_export_loads_in_peft_and_reads_back(kind, options, byte_base, tmp_path):
+    """``lrft merge --format peft`` of an adapter on the unquantized base (PEFT records no quantization):
+    PEFT's ``PeftModel.from_pretrained`` computes lrft's logits, and lrft reads the export back with every
+    layer's ΔW. A type PEFT lacks, or options it cannot express, are refused in one line naming the reason and
+    the formats that work, and nothing is written."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lrft.adapter_folder import AdapterFolder
+    from lrft.errors import UserError
+    from lrft.merge import run_merge
+    from lrft.peft_format import UNSUPPORTED
+
+    model, layers = save_random_adapter(byte_base, None, kind, options, PEFT_TARGETS, tmp_path / "lrft")
+    export = tmp_path / "peft"
+    refusals = [UNSUPPORTED[kind]] if kind in UNSUPPORTED else [why for key, why in PEFT_REFUSES.items() if options.get(key)]
+    if refusals:
+        with pytest.raises(UserError) as refused:
+            run_merge(tmp_path / "lrft", export, fmt="peft")
+        message = str(refused.value)
+        assert refusals[0] in message and "--format hf" in message and "\n" not in message
+        assert not export.exists()
+        return
+    run_merge(tmp_path / "lrft", export, fmt="peft")
+    ids = token_ids(2)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(byte_base, dtype=torch.float32), export).eval()
+    with torch.no_grad():
+        expected, got = model(input_ids=ids).logits, peft_model(input_ids=ids).logits
+    assert (got - expected).abs().max() < 1e-5 * max(1.0, float(expected.abs().max()))
+    _, imported = AdapterFolder.read(export).load_model(torch.device("cpu"))
+    assert set(imported) == set(layers)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            torch.testing.assert_close(imported[name].delta_weight(), layer.delta_weight(), atol=1e-6, rtol=1e-5)
+
+
+# --- exact resume ---------------------------------------------------------------------------------------
+
+RESUME_STEPS, CHECKPOINT_STEP = 6, 3
+
+
+def resume_recipe(base_folder, data, kind, options, output_dir):
+    """6 steps of 2 examples (micro-batches of 1) on byte_base, dropout on (so the random state must be
+    restored too), a checkpoint every 3 steps. Unquantized: the state a resume restores is the adapter's, and
+    bitsandbytes' CPU kernels would take most of the time."""
+    from lrft.recipe import validate_recipe
+
+    return validate_recipe({
+        "model": {"name_or_path": str(base_folder)},
+        "quantization": {"bits": None},
+        "adapter": {"type": kind, **options, **RESUME_OPTIONS.get(kind, {}), "dropout": 0.1, "target_modules": TARGETS},
+        "data": {"path": str(data), "format": "completion", "cutoff_len": 48, "val_size": 0},
+        "training": {"seed": 3, "batch_size": 2, "micro_batch_size": 1, "max_steps": RESUME_STEPS, "save_steps": CHECKPOINT_STEP,
+                     "warmup_steps": 1, "learning_rate": 1e-2},
+        "output_dir": str(output_dir),
+    })
+
+
+def train_to_the_end(recipe, resume: bool):
+    """lrft.train's loop without ``finish`` (which only saves what is compared here): the run as it ends."""
+    from lrft.train import after_step, optimizer_step, setup
+
+    run = setup(recipe, resume, False, False)
+    assert run.step == (CHECKPOINT_STEP if resume else 0)
+    while run.step < run.total_steps:
+        after_step(run, optimizer_step(run), False)
+    return run
+
+
+def state_of(run) -> dict:
+    """What a run carries from step to step: adapter tensors (masks included), controller, optimizer."""
+    return {
+        "adapter": {name: layer.adapter_state_dict() for name, layer in run.layers.items()},
+        "controller": run.controller.state_dict(),
+        "summary": run.controller.summary(),
+        "optimizer": run.base_optimizer.state_dict()["state"],
+        "lr": run.scheduler.get_last_lr(),
+    }
+
+
+def assert_identical(got, expected, where="state"):
+    if isinstance(expected, torch.Tensor):
+        assert got.dtype == expected.dtype and torch.equal(got, expected), where
+    elif isinstance(expected, dict):
+        assert set(got) == set(expected), where
+        for key in expected:
+            assert_identical(got[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(got) == len(expected), where
+        for i, (a, b) in enumerate(zip(got, expected)):
+            assert_identical(a, b, f"{where}[{i}]")
+    else:
+        assert got == expected, where
+
+
+@pytest.mark.parametrize("kind, options", CASES)
+def test_resume_from_a_checkpoint_is_exact(kind, options, byte_base, tmp_path):
+    """6 steps straight through against 3 steps, lrft.checkpoint's checkpoint, a fresh setup from it and 3 more:
+    bit-identical adapter tensors, controller state and optimizer state (both runs in this process, through
+    lrft.train's own setup, optimizer_step and after_step)."""
+    from lrft.checkpoint import read_checkpoint
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {i} plus {2 * i} is", "completion": f" {3 * i}."}) + "\n" for i in range(12)))
+    straight = state_of(train_to_the_end(resume_recipe(byte_base, data, kind, options, tmp_path / "straight"), resume=False))
+
+    resumed_dir = tmp_path / "resumed"  # what a kill between the two checkpoints leaves
+    shutil.copytree(tmp_path / "straight", resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / f"step-{RESUME_STEPS}")
+    checkpoint = read_checkpoint(resumed_dir / "checkpoints" / f"step-{CHECKPOINT_STEP}")
+    resumed = state_of(train_to_the_end(resume_recipe(byte_base, data, kind, options, resumed_dir), resume=True))
+
+    assert_identical(resumed, straight)
+    # the comparison is not of two untrained states: the steps after the checkpoint moved the adapter
+    moved = [key for key, value in checkpoint["adapter"].items() if value.is_floating_point()
+             and not torch.equal(value, straight["adapter"][key.rsplit(".", 1)[0]][key.rsplit(".", 1)[1]])]
+    assert moved

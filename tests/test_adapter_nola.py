@@ -84,14 +84,3 @@ def test_chunked_combination_matches_one_product(monkeypatch):
     layer(torch.randn(3, 64)).pow(2).sum().backward()
     assert all(c.grad is not None for c in coefficients)
     check_gradients(layer, lambda p: NAIVE["nola"](layer, p))
-
-
-def test_autocast_bfloat16():
-    layer = build_layer("nola", "int8", 128, 64, frozen_dtype=torch.bfloat16)
-    x = torch.randn(2, 5, 128, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = layer(x)
-    expected = layer.base_layer(x.detach()).float() + x.detach() @ layer.delta_weight().T
-    torch.testing.assert_close(out.float(), expected, atol=0.02 * expected.abs().max().item(), rtol=0)
-    out.float().pow(2).sum().backward()
-    assert layer.out_coefficients.grad.dtype == torch.float32 and layer.in_coefficients.grad.abs().sum() > 0

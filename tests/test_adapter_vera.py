@@ -97,17 +97,6 @@ def test_bases_are_stored_in_frozen_dtype_and_match_the_float32_compute_copy():
     torch.testing.assert_close(layer.delta_weight().double(), ref, atol=1e-6, rtol=1e-5)
 
 
-def test_autocast_bfloat16():
-    layer = build("int8", 128, 64, frozen_dtype=torch.bfloat16, r=16)
-    x = torch.randn(2, 5, 128, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = layer(x)
-    expected = layer.base_layer(x.detach()).float() + x.detach() @ layer.delta_weight().T
-    torch.testing.assert_close(out.float(), expected, atol=0.02 * expected.abs().max().item(), rtol=0)
-    out.float().pow(2).sum().backward()
-    assert layer.lambda_d.grad.dtype == torch.float32 and layer.lambda_b.grad.abs().sum() > 0
-
-
 def test_inject_sizes_the_shared_bases_by_the_models_largest_target(tiny_model):
     from lrft.inject import inject_adapters
 

@@ -138,7 +138,7 @@ def test_float32_merge_is_w_plus_delta_and_matches_base_plus_adapter(tiny_base, 
 def test_4bit_merge_uses_the_dequantized_weights_the_adapter_saw(tiny_base, adapter_nf4, tmp_path):
     from lrft.adapter_folder import AdapterFolder
     from lrft.merge import run_merge
-    from lrft.model import dequantized_weight
+    from lrft.adapters.frozen_linear import dequantized_weight
 
     out = tmp_path / "merged"
     report = run_merge(adapter_nf4, out)  # --dtype auto: float32, the dtype this CPU run trained in
@@ -188,7 +188,7 @@ def test_bfloat16_merge_passes_its_tolerance(adapter_nf4, tmp_path):
 def test_int8_adapter_merges_against_llm_int8_weights(tiny_base, tmp_path):
     from lrft.adapter_folder import AdapterFolder
     from lrft.merge import run_merge
-    from lrft.model import dequantized_weight
+    from lrft.adapters.frozen_linear import dequantized_weight
 
     adapter = make_adapter(tiny_base, tmp_path / "int8", bits=8)
     out = tmp_path / "merged"

@@ -97,7 +97,8 @@ def test_validation_in_eval_mode_keeps_4bit_training_intact(tiny_model_dir):
 
     from lrft.adapters.lora import LoRAConfig
     from lrft.inject import inject_adapters
-    from lrft.model import dequantized_weight, load_base_model
+    from lrft.adapters.frozen_linear import dequantized_weight
+    from lrft.model import load_base_model
     from lrft.recipe import ModelSection, QuantizationSection
 
     model = load_base_model(ModelSection(name_or_path=str(tiny_model_dir)), QuantizationSection(bits=4), torch.device("cpu"))

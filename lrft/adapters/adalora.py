@@ -22,8 +22,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from .base import AdapterConfig
-from ..diagnostics import orthogonality_residuals
+from .base import AdapterConfig, orthogonality_residuals
 from .budget import BudgetConfig, BudgetController, RankPrunedLayer, gaussian_
 
 INIT_STD = 0.02

@@ -325,6 +325,23 @@ def kaiming_uniform_(tensor: Tensor, generator: Optional[torch.Generator] = None
         return tensor.uniform_(-bound, bound, generator=generator)
 
 
+# --- orthogonality: the regularisers of RM-LoRA, AdaLoRA and LoRA², and what inspect-rank reports of them
+
+
+def gram_residual(gram: Tensor, squared: bool = True) -> Tensor:
+    """``‖G − I‖²_F`` (``squared``) or ``‖G − I‖_F`` of a square Gram matrix G."""
+    residual = gram - torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
+    # vector_norm's gradient at an exactly orthogonal factor is 0, where sqrt(sum of squares) gives NaN
+    return (residual * residual).sum() if squared else torch.linalg.vector_norm(residual)
+
+
+def orthogonality_residuals(B: Tensor, A: Tensor, squared: bool = True) -> tuple[Tensor, Tensor]:
+    """(‖AAᵀ − I‖, ‖BᵀB − I‖), squared or not, for ΔW ∝ B A (A: r × in, B: out × r), in ``A``'s dtype: the
+    regularisers of RM-LoRA (eq. 10), AdaLoRA (P = B, Q = A) and LoRA² (between planes), and what inspect-rank
+    reports of them."""
+    return gram_residual(A @ A.T, squared), gram_residual(B.T @ B, squared)
+
+
 __all__ = [
     "AdapterConfig",
     "AdapterLayer",

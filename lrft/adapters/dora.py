@@ -46,7 +46,7 @@ from typing import Any, ClassVar, Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from ..model import dequantized_weight
+from .frozen_linear import dequantized_weight
 from .base import AdapterConfig
 from .base import Controller as BaseController
 from .lora import LoRALayer

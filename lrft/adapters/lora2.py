@@ -45,8 +45,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from .base import AdapterConfig
-from ..diagnostics import gram_residual
+from .base import AdapterConfig, gram_residual
 from .budget import BudgetConfig, BudgetController, RankPrunedLayer, gaussian_
 
 class LoRA2Config(BudgetConfig):

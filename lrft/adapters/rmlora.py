@@ -21,7 +21,7 @@ not carry over to the other. The paper gives no coefficient. The authors' value 
 facts behind the defaults"). lrft's default is therefore ``orth_reg = 0.001`` with the squared form,
 where the two losses start comparable; use ``orth_reg: 0.1, orth_reg_norm: frobenius`` for the authors'
 setting. The regulariser is computed in float32 with autocast off (A Aᵀ − I in bfloat16 would lose the
-residual it is meant to shrink), by :func:`lrft.diagnostics.orthogonality_residuals`, which inspect-rank
+residual it is meant to shrink), by :func:`lrft.adapters.base.orthogonality_residuals`, which inspect-rank
 reports too.
 
 **GM-LoRA, gradient masking** (sec. 4.3, Algorithm 1): every optimizer step, each adapted layer draws
@@ -83,9 +83,8 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from ..diagnostics import orthogonality_residuals
 from ..errors import UserError
-from .base import AdapterConfig, Controller
+from .base import AdapterConfig, Controller, orthogonality_residuals
 from .lora import LoRALayer
 
 # The paper gives no value; 0.001 keeps the squared regulariser comparable with the LM loss at the start
