@@ -11,6 +11,10 @@ branch, its index and its working tree are not touched.
     python experiments/study.py fetch              # the branch's result files into experiments/results/
     python experiments/study.py status             # local result files that are new or differ from the branch
     python experiments/study.py commit -m MESSAGE  # record experiments/results/ on the branch
+    python experiments/study.py land               # join the branch into main's history (no file changes)
+
+Only main lands, so ``land`` is what makes a clone of main carry the results: ``fetch`` finds the newest
+results commit in the checked-out history when the clone has no branch of that name.
 """
 
 from __future__ import annotations
@@ -115,13 +119,23 @@ def _ref(ref: str) -> Optional[str]:
         return None
 
 
+MARK = f"{BRANCH}: "  # the first words of every results commit, so that one is found in main's history
+
+
 def branch_commit() -> Optional[str]:
-    """The results branch's commit: the local branch, else a fetched remote-tracking one; None without either."""
-    return _ref(f"refs/heads/{BRANCH}") or _ref(f"refs/remotes/origin/{BRANCH}")
+    """The results' commit: the local branch, else a fetched remote-tracking one, else the newest results
+    commit in the checked-out history (``land`` joins them there); None without any."""
+    local = _ref(f"refs/heads/{BRANCH}") or _ref(f"refs/remotes/origin/{BRANCH}")
+    if local:
+        return local
+    try:
+        return _git("rev-list", "-1", "--fixed-strings", f"--grep={MARK}", "HEAD") or None
+    except RuntimeError:
+        return None
 
 
 def missing_branch_message() -> str:
-    return (f"the study results are on the branch {BRANCH}, which this clone does not have: "
+    return (f"the study results are on the branch {BRANCH}, which neither this clone nor its history has: "
             f"git fetch origin {BRANCH}:{BRANCH} (docs/studies.md)")
 
 
@@ -187,9 +201,24 @@ def commit(message: str) -> Optional[str]:
         parent, tree = _results_tree(Path(tmp) / "index")
         if parent and _git("rev-parse", f"{parent}^{{tree}}") == tree:
             return None
+        message = message if message.startswith(MARK) else MARK + message
         new = _git("commit-tree", tree, *(["-p", parent] if parent else []), "-m", message)
     _git("update-ref", f"refs/heads/{BRANCH}", new, local or "")  # "": the local branch must not exist yet
     return new
+
+
+def land() -> str:
+    """Join the results into the checked-out branch's history: a merge that keeps that branch's files as they
+    are (``-s ours``), so that a clone of main alone carries the results and ``fetch`` finds them. Returns
+    the merge commit."""
+    commit_ = branch_commit()
+    if commit_ is None:
+        raise MissingResults(missing_branch_message())
+    proc = subprocess.run(["git", "merge-base", "--is-ancestor", commit_, "HEAD"], cwd=ROOT)
+    if proc.returncode == 0:
+        return _git("rev-parse", "HEAD")
+    _git("merge", "-s", "ours", "--allow-unrelated-histories", "--no-edit", "-m", f"Land the study results ({commit_[:12]}) with the product tree's history", commit_)
+    return _git("rev-parse", "HEAD")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -200,6 +229,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     sub.add_parser("status", help="local result files that are new or differ from the branch")
     sub.add_parser("commit", help="record experiments/results/ on the branch").add_argument(
         "-m", "--message", required=True)
+    sub.add_parser("land", help="join the branch into the checked-out history, files untouched (merge -s ours)")
     args = p.parse_args(argv)
     try:
         if args.command == "fetch":
@@ -207,6 +237,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         elif args.command == "status":
             lines = changes()
             print("\n".join(lines) if lines else f"{RESULTS_PATH}/ holds nothing that {BRANCH} lacks")
+        elif args.command == "land":
+            print(f"{BRANCH} is in the history of HEAD ({land()[:12]})")
         else:
             new = commit(args.message)
             print(f"{BRANCH}: {new[:12]}" if new else f"nothing to commit: {BRANCH} already holds {RESULTS_PATH}/")

@@ -229,6 +229,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     if _DEBUG:
         args.remove("--debug")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if argv is None and args[:1] == ["train"]:  # the program itself, not a test calling main(argv)
+        from .heap import restart_with_huge_pages
+
+        restart_with_huge_pages()
     try:
         if args and args[0] in ("train", "eval", "merge", "inspect-rank", "generate", "chat"):
             from .model import quiet_libraries

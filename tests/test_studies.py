@@ -58,6 +58,24 @@ def test_commit_and_fetch_round_trip_without_touching_the_checkout(repo):
     assert study.fetch(force=True) == 2 and (results / "final-lora-s43.json").read_text() == '{"loss": 1.1}\n'
 
 
+def test_landed_results_travel_with_a_clone_of_main_alone(repo, tmp_path, monkeypatch):
+    (study.RESULTS / "long").mkdir(parents=True)
+    (study.RESULTS / "long" / "final-lora-s42.json").write_text('{"loss": 1.0}\n')
+    results = study.commit("first result")
+    merge = study.land()
+    assert git(repo, "rev-parse", f"{merge}^2") == results and study.land() == merge  # once
+    assert git(repo, "ls-tree", "-r", "--name-only", "HEAD").splitlines() == [".gitignore"]  # files untouched
+
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", "--single-branch", "--branch", "main", str(repo), str(clone))
+    monkeypatch.setattr(study, "ROOT", clone)
+    monkeypatch.setattr(study, "RESULTS", clone / "experiments" / "results")
+    assert git(clone, "branch", "-a").split() == ["*", "main", "remotes/origin/HEAD", "->", "origin/main",
+                                                     "remotes/origin/main"]
+    assert study.branch_commit() == results and study.fetch() == 1
+    assert (study.RESULTS / "long" / "final-lora-s42.json").read_text() == '{"loss": 1.0}\n'
+
+
 def test_a_clone_without_the_branch_says_so_in_one_line(repo, tmp_path):
     with pytest.raises(study.MissingResults, match="git fetch origin study-results:study-results"):
         study.fetch()
