@@ -58,7 +58,7 @@ DATA_SAMPLE = 2_000  # records the dry run tokenizes at most (drawn at random wh
 # The CPU estimate's calibrated constants (docs/memory.md: on what, and how well they transfer): the memory
 # glibc's heap keeps after free between the trims of lrft.heap, in decoder layers' worth of saved
 # activations, without and with gradient checkpointing
-HEAP_LAYERS = {False: 2.0, True: 12.0}
+HEAP_LAYERS = {False: 8.0, True: 10.0}
 # Python lists of the tokenized data: an int object (28 B) and a list slot (8 B) per token id, a slot per
 # label (labels share the ids' objects); packed rows add position ids and their int objects
 TOKEN_LIST_BYTES = {False: 44, True: 80}
