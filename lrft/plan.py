@@ -55,10 +55,10 @@ from .recipe import Recipe
 MB = 2**20
 DATA_SAMPLE = 2_000  # records the dry run tokenizes at most (drawn at random when the data has more)
 
-# The CPU estimate's calibrated constants (docs/memory.md: on what, and how well they transfer): the memory
+# The CPU estimate's calibrated constant (docs/memory.md: on what, and how well it transfers): the memory
 # glibc's heap keeps after free between the trims of lrft.heap, in decoder layers' worth of saved
-# activations, without and with gradient checkpointing
-HEAP_LAYERS = {False: 8.0, True: 10.0}
+# activations, with and without gradient checkpointing
+HEAP_LAYERS = 12.0
 # Python lists of the tokenized data: an int object (28 B) and a list slot (8 B) per token id, a slot per
 # label (labels share the ids' objects); packed rows add position ids and their int objects
 TOKEN_LIST_BYTES = {False: 44, True: 80}
@@ -450,7 +450,7 @@ def activation_terms(s: Shapes, layer: float, checkpointing: bool, cpu: bool) ->
     saved = (s.layers + 1) * hidden + layer if checkpointing else s.layers * layer
     terms = {"saved_activations": saved, "logits": logits_bytes(s)}
     if cpu:
-        terms["heap_retention"] = HEAP_LAYERS[checkpointing] * layer
+        terms["heap_retention"] = HEAP_LAYERS * layer
     return terms
 
 
