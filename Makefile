@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # project's range (which admits 2.13) then installs nothing more.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test study-test demo bench bench-quick gpu-check clean
+.PHONY: install test harness-test study-test demo bench bench-quick gpu-check clean
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml
 # the product's tests; the studies' tests (marker `study`) are left out by tests/conftest.py
 test: install
 	$(PY) -m pytest -q --durations=15
+
+# lrft eval --harness against lm-evaluation-harness itself (an optional extra: make test skips these without it)
+harness-test: install
+	$(PY) -m pip install -q -e ".[harness]"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests/test_harness.py tests/test_adapter_contract.py -k harness
 
 # the studies' tests (experiments/, docs/studies.md), against their result files from the study-results branch
 study-test: install

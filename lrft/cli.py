@@ -10,7 +10,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 
@@ -70,23 +70,42 @@ class EvalMode(str, Enum):
 def eval_(
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="RUN_DIR/adapter: evaluate base + adapter"),
     model: Optional[str] = typer.Option(None, "--model", help="a model folder, hub id, .gguf or alias (e.g. a merged model)"),
-    data: Path = typer.Option(..., "--data", help="folder of <task>.json(l) or <task>/test.json; with --loss, a training-format file"),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="folder of <task>.json(l) or <task>/test.json; with --loss, a training-format file; "
+        "with --harness, the folder lrft's own lrft_ tasks read"),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated task names (default: every task found)"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="first N examples per task"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="first N examples per task (per file with --loss)"),
     mode: EvalMode = typer.Option(EvalMode.generate, "--mode", help="generate = the published protocol; loglik = label likelihood (cheaper; its own numbers)"),
     batch_size: int = typer.Option(8, "--batch-size"),
     output: Optional[Path] = typer.Option(None, "--output", help="write results JSON here"),
-    predictions: Optional[Path] = typer.Option(None, "--predictions", help="write one JSON line per example here"),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="write one JSON line per example here (for --compare)"),
     quantization: Optional[str] = typer.Option(None, "--quantization", help="4, 8 or none (default: the adapter's; none with --model)"),
-    loss: bool = typer.Option(False, "--loss", help="report mean token loss / perplexity on --data instead"),
+    loss: bool = typer.Option(False, "--loss", help="report token loss / perplexity on --data, over every token and over the answer only"),
     keep_quantized: bool = typer.Option(False, "--keep-quantized", help=KEEP_QUANTIZED),
+    harness: Optional[str] = typer.Option(
+        None, "--harness", help="lm-evaluation-harness tasks, comma-separated (e.g. arc_easy,hellaswag or lrft_commonsense); "
+        "needs the harness extra"),
+    include_path: Optional[Path] = typer.Option(None, "--include-path", help="with --harness: a folder of your own lm-eval task files"),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="with --harness: few-shot examples per prompt (default: each task's)"),
+    data_format: Optional[str] = typer.Option(None, "--format", help="with --loss: the data format (default: from the records' fields)"),
+    cutoff_len: int = typer.Option(256, "--cutoff-len", help="with --loss: tokens kept per example, as data.cutoff_len"),
+    compare: Optional[Tuple[Path, Path]] = typer.Option(
+        None, "--compare", help="A.jsonl B.jsonl: paired bootstrap of two --predictions files of the same examples (loads no model)"),
 ) -> None:
-    """Evaluate on the commonsense-8 benchmark (or plain loss)."""
+    """Evaluate on the commonsense-8 benchmark, lm-eval tasks (--harness) or token loss (--loss); compare two runs (--compare)."""
+    if compare is not None and compare[0] is not None:
+        from .compare import run_compare
+
+        if adapter is not None or model is not None or data is not None:
+            raise UserError("--compare reads two --predictions files and loads no model; leave out --adapter, --model and --data")
+        run_compare(compare[0], compare[1], output)
+        return
     from .evaluate import run_eval
 
     run_eval(
         adapter=adapter, model=model, data=data, tasks=tasks, limit=limit, mode=mode.value, batch_size=batch_size,
         output=output, predictions=predictions, quantization=quantization, loss=loss, keep_quantized=keep_quantized,
+        harness=harness, include_path=include_path, num_fewshot=num_fewshot, data_format=data_format, cutoff_len=cutoff_len,
     )
 
 

@@ -24,18 +24,20 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
+from torch.nn import functional as F
 
-from .data import IGNORE_INDEX, RecordError, collate, eval_prompt, micro_batches, read_records, target_tokens, tokenize_record
+from .data import FORMATS, IGNORE_INDEX, RecordError, chat_template, collate, eval_prompt, micro_batches, read_records, target_tokens
 from .errors import UserError
 from .io import write_json_atomic, write_text_atomic
-from .loss import summed_token_loss
+from .loss import position_losses, summed_token_loss, use_loss_head
 
 # The paper's task order (the order of its tables) and each task's answer labels.
 TASK_LABELS: dict[str, tuple[str, ...]] = {
@@ -494,31 +496,120 @@ def mean_token_loss(
     return total / max(1, count), count
 
 
-def evaluate_loss_file(model, tokenizer, data: Union[str, Path], limit: Optional[int] = None, batch_size: int = 8) -> dict:
-    """Mean token loss (over target tokens) and perplexity on a commonsense-format file, tokenized as
-    the trainer does by default (cutoff 256, loss on prompt tokens too)."""
-    records = read_records(str(data))[:limit]
-    if not records:
-        raise UserError(f"data {data} holds no records; give a file with at least one training record")
+def detect_format(record: Any) -> str:
+    """The data format a record is in, by its fields: messages/conversations, prompt + completion, or an
+    instruction record (commonsense; alpaca records have the same fields and need ``--format alpaca``)."""
+    if isinstance(record, dict):
+        if "messages" in record or "conversations" in record:
+            return "messages"
+        if "prompt" in record and "completion" in record:
+            return "completion"
+        if "instruction" in record:
+            return "commonsense"
+    raise UserError(
+        f"--data: the first record has neither messages, prompt + completion nor instruction fields; give a training-format "
+        f"file or name its format with --format ({', '.join(FORMATS)})"
+    )
+
+
+def loss_examples(records: list, tokenizer, fmt: str, cutoff_len: int, source) -> list[dict]:
+    """Each record tokenized as training would with loss on every token (``labels``) and on the answer
+    only (``answer_labels``: the output, the completion, the assistant turns), numbered by ``index``."""
+    from types import SimpleNamespace
+
+    if fmt not in FORMATS:
+        close = difflib.get_close_matches(fmt, list(FORMATS), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"--format {fmt!r} is unknown; {hint}formats: {', '.join(FORMATS)}")
+    if cutoff_len < 8:
+        raise UserError(f"--cutoff-len {cutoff_len} must be at least 8")
+    data_format = FORMATS[fmt]
+    options = dict(format=fmt, cutoff_len=cutoff_len, chat_template=None, path=str(source))
+    everything = SimpleNamespace(**options, train_on_inputs=True, train_on="all")
+    answer_only = SimpleNamespace(**options, train_on_inputs=False, train_on="assistant")
+    template = chat_template(everything, tokenizer, "the model") if data_format.chat else None
     examples = []
     for number, record in enumerate(records, 1):
         try:
-            examples.append(tokenize_record(record, tokenizer, "commonsense", LOSS_CUTOFF, train_on_inputs=True))
+            full = data_format.example(record, tokenizer, everything, template)
+            answer = data_format.example(record, tokenizer, answer_only, template)
         except RecordError as exc:
-            raise UserError(f"data {data}, record {number} {exc}") from None
+            raise UserError(f"data {source}, record {number} {exc}") from None
+        examples.append({"input_ids": full["input_ids"], "labels": full["labels"], "answer_labels": answer["labels"],
+                         "index": number - 1})
+    return examples
+
+
+@torch.no_grad()
+def example_losses(model, examples: list[dict], batch_size: int, pad_id: int, device) -> list[dict]:
+    """Per example: the summed loss and token count over every target token and over the answer's."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for chunk in micro_batches(examples, batch_size):
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+            answers = collate([{"input_ids": e["input_ids"], "labels": e["answer_labels"]} for e in chunk], pad_id)["labels"]
+            losses = position_losses(model, batch).double()
+            # position t predicts token t + 1: the masks move left as the labels do
+            full = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX) != IGNORE_INDEX
+            answer = F.pad(answers[:, 1:], (0, 1), value=IGNORE_INDEX).to(device) != IGNORE_INDEX
+            for row, example in enumerate(chunk):
+                rows.append({
+                    "index": example["index"],
+                    "tokens": int(full[row].sum()),
+                    "loss_sum": float(losses[row][full[row]].sum()),
+                    "answer_tokens": int(answer[row].sum()),
+                    "answer_loss_sum": float(losses[row][answer[row]].sum()),
+                })
+    finally:
+        if was_training:
+            model.train()
+    return rows
+
+
+def evaluate_loss_file(
+    model, tokenizer, data: Union[str, Path], limit: Optional[int] = None, batch_size: int = 8, fmt: Optional[str] = None,
+    cutoff_len: int = LOSS_CUTOFF, predictions: Optional[list] = None,
+) -> dict:
+    """Token loss and perplexity on a training-format file, over every token (``loss``: prompt and answer,
+    as ``train_on_inputs: true`` trains) and over the answer's tokens only (``answer_loss``: the output,
+    completion or assistant turns); both the mean over tokens, not examples. Per-example rows go to
+    ``predictions``."""
+    records = read_records(str(data))[:limit]
+    if not records:
+        raise UserError(f"data {data} holds no records; give a file with at least one training record")
+    fmt = fmt or detect_format(records[0])
+    examples = loss_examples(records, tokenizer, fmt, cutoff_len, data)
     examples.sort(key=lambda e: -len(e["input_ids"]))  # less padding
+    use_loss_head(model)  # where exact, the logits exist a chunk at a time
     started = time.perf_counter()
-    loss, count = mean_token_loss(model, examples, batch_size, _pad_id(tokenizer), _model_device(model))
+    rows = sorted(example_losses(model, examples, batch_size, _pad_id(tokenizer), _model_device(model)), key=lambda r: r["index"])
+    seconds = time.perf_counter() - started
+    for row in rows:
+        row["id"] = row["index"]
+        row["loss"] = row["loss_sum"] / row["tokens"] if row["tokens"] else None
+        row["answer_loss"] = row["answer_loss_sum"] / row["answer_tokens"] if row["answer_tokens"] else None
+    if predictions is not None:
+        predictions.extend(rows)
+    tokens, answer_tokens = sum(r["tokens"] for r in rows), sum(r["answer_tokens"] for r in rows)
+    loss = sum(r["loss_sum"] for r in rows) / max(1, tokens)
+    answer_loss = sum(r["answer_loss_sum"] for r in rows) / answer_tokens if answer_tokens else None
     return {
         "mode": "loss",
         "model": getattr(getattr(model, "config", None), "_name_or_path", None),
         "adapter": None,
         "data": str(data),
-        "n": len(examples),
-        "tokens": count,
+        "format": fmt,
+        "cutoff_len": cutoff_len,
+        "n": len(rows),
+        "tokens": tokens,
         "loss": loss,
         "perplexity": math.exp(min(loss, 700.0)),
-        "seconds": round(time.perf_counter() - started, 3),
+        "answer_tokens": answer_tokens,
+        "answer_loss": answer_loss,
+        "answer_perplexity": math.exp(min(answer_loss, 700.0)) if answer_loss is not None else None,
+        "seconds": round(seconds, 3),
     }
 
 
@@ -531,14 +622,20 @@ def print_results(results: dict, console=None) -> None:
 
     console = console or Console()
     if results.get("mode") == "loss":
-        table = Table(title=f"loss on {results['data']}")
-        for column in ("examples", "target tokens", "mean loss", "perplexity", "seconds"):
-            table.add_column(column, justify="right")
-        table.add_row(
-            str(results["n"]), str(results["tokens"]), f"{results['loss']:.4f}", f"{results['perplexity']:.3f}",
-            f"{results['seconds']:.1f}",
-        )
+        table = Table(title=f"loss on {results['data']} ({results['format']}, mean over tokens)")
+        for column in ("tokens on", "examples", "tokens", "mean loss", "perplexity"):
+            table.add_column(column, justify="right" if column != "tokens on" else "left")
+        table.add_row("every token", str(results["n"]), str(results["tokens"]), f"{results['loss']:.4f}", f"{results['perplexity']:.3f}")
+        if results["answer_loss"] is not None:
+            table.add_row("answer only", str(results["n"]), str(results["answer_tokens"]), f"{results['answer_loss']:.4f}",
+                          f"{results['answer_perplexity']:.3f}")
         console.print(table)
+        console.print(f"{results['seconds']:.1f} s", highlight=False)
+        return
+    if results.get("mode") == "harness":
+        from .harness import print_harness_results
+
+        print_harness_results(results, console)
         return
     if results["mode"] == "generate":
         title = "commonsense accuracy, generate (the published protocol)"
@@ -567,7 +664,7 @@ def print_results(results: dict, console=None) -> None:
 def run_eval(
     adapter: Optional[Path],
     model: Optional[str],
-    data: Path,
+    data: Optional[Path],
     tasks: Optional[str],
     limit: Optional[int],
     mode: str,
@@ -577,7 +674,14 @@ def run_eval(
     quantization: Optional[str],
     loss: bool,
     keep_quantized: bool = False,
+    harness: Optional[str] = None,
+    include_path: Optional[Path] = None,
+    num_fewshot: Optional[int] = None,
+    data_format: Optional[str] = None,
+    cutoff_len: int = LOSS_CUTOFF,
 ) -> dict:
+    """``lrft eval``: commonsense-8 (``mode``), lm-eval tasks (``harness``) or token loss (``loss``); every
+    input is checked before the model loads."""
     from rich.console import Console
 
     from .inference import load_for_inference, parse_bits
@@ -590,11 +694,31 @@ def run_eval(
         raise UserError(f"--limit {limit} must be at least 1 (or leave it out for every example)")
     if mode not in MODES:
         raise UserError(f"--mode {mode!r} is unknown; use generate or loglik")
+    if harness is not None and loss:
+        raise UserError("--harness and --loss are two evaluations; run them one at a time")
+    if harness is None and (include_path is not None or num_fewshot is not None):
+        raise UserError("--include-path and --num-fewshot apply to --harness only")
+    if not loss and (data_format is not None or cutoff_len != LOSS_CUTOFF):
+        raise UserError("--format and --cutoff-len apply to --loss only")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UserError(f"--num-fewshot {num_fewshot} must be 0 or more")
     parse_bits(quantization)  # a bad value fails before the data is read
     console = Console()
-    if loss:
-        if tasks is not None or predictions is not None:
-            raise UserError("--tasks and --predictions do not apply with --loss; --data is one training-format file")
+    manager = None
+    if harness is not None:
+        from .harness import harness_data, parse_task_names, task_manager
+
+        if tasks is not None:
+            raise UserError("--tasks names commonsense tasks; with --harness name lm-eval tasks in --harness itself")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("--harness runs in one process (lm-eval is handed the loaded model); run lrft eval without torchrun / accelerate launch")
+        names = parse_task_names(harness)
+        manager = task_manager(names, include_path, harness_data(data))
+    elif data is None:
+        raise UserError("--data is missing; give a folder of <task>.json(l) files (or a training-format file with --loss)")
+    elif loss:
+        if tasks is not None:
+            raise UserError("--tasks does not apply with --loss; --data is one training-format file")
         if not Path(data).expanduser().exists():
             raise UserError(f"--data {data} does not exist; with --loss give a training-format .json/.jsonl file")
     else:
@@ -604,10 +728,15 @@ def run_eval(
     loaded = load_for_inference(adapter, model, quantization, keep_quantized)
     if loaded.note:
         console.print(loaded.note, highlight=False)
-    if loss:
-        results = evaluate_loss_file(loaded.model, loaded.tokenizer, data, limit, batch_size)
+    rows: Optional[list] = [] if predictions is not None else None
+    if harness is not None:
+        from .harness import run_harness
+
+        results = run_harness(loaded, names, manager, limit, batch_size, num_fewshot, rows)
+        results["data"] = str(data) if data is not None else None
+    elif loss:
+        results = evaluate_loss_file(loaded.model, loaded.tokenizer, data, limit, batch_size, data_format, cutoff_len, rows)
     else:
-        rows: Optional[list] = [] if predictions is not None else None
         results = evaluate_model(loaded.model, loaded.tokenizer, data, tasks, limit, mode, batch_size, rows, console)
     results.update(model=loaded.name, adapter=str(adapter) if adapter is not None else None, quantization=loaded.bits,
                    adapter_applied=loaded.note or None)

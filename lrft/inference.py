@@ -275,19 +275,10 @@ def generate_batch(loaded: Loaded, prompts: list[list[int]], sampling: Sampling,
 def read_prompts(path: Path) -> list[dict]:
     """``--input``: JSON lines of ``{prompt}``, ``{messages}`` or ``{conversations}`` records."""
     from .data import RecordError, conversation
+    from .io import read_json_lines
 
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--input {path} cannot be read ({exc}); give a JSON-lines file") from None
     records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"--input {path}, line {number}: not valid JSON ({exc.msg}); one JSON record per line") from None
+    for number, record in read_json_lines(path, f"--input {path}", "one JSON record per line"):
         if isinstance(record, dict) and isinstance(record.get("prompt"), str):
             records.append({"prompt": record["prompt"]})
             continue

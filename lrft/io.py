@@ -1,6 +1,7 @@
 """Crash-safe writes: everything lrft writes goes to a temporary name in the same folder and is renamed,
 so a kill at any moment leaves either the old file or the new one, never half of one. And the one read of a
-safetensors file (adapters, PEFT adapters, checkpoints), which turns a missing or damaged file into one line."""
+safetensors file (adapters, PEFT adapters, checkpoints), which turns a missing or damaged file into one line;
+and the read of a JSON-lines file of the user's, likewise."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from torch import Tensor
 
@@ -51,6 +52,23 @@ def read_safetensors(path: Path, fix: str) -> dict[str, Tensor]:
         return load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for damaged files
         raise UserError(f"{path} is truncated or corrupt ({exc}); re-save the adapter or use a checkpoint's") from None
+
+
+def read_json_lines(path: Path | str, what: str, fix: str) -> list[tuple[int, Any]]:
+    """(line number, value) of each non-blank line; an unreadable file or a line that is not JSON is one
+    UserError naming ``what`` (e.g. "--input FILE"), the line and ``fix``."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} cannot be read ({exc}); {fix}") from None
+    values = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                values.append((number, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{what}, line {number}: not valid JSON ({exc.msg}); {fix}") from None
+    return values
 
 
 def save_tensors_atomic(path: Path | str, tensors: dict, metadata: dict | None = None) -> None:

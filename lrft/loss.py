@@ -54,6 +54,22 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+@torch.no_grad()
+def position_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(batch, seq), float32 or wider: each position's cross-entropy against the next token's label, 0 where
+    there is none; for evaluation, which wants the loss per example. With a :class:`LossHead` the
+    vocabulary-wide logits exist one chunk at a time here too."""
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    head = loss_head(model)
+    if head is not None:
+        with head.scoring(labels, per_position=True):
+            return model(**inputs, use_cache=False).logits  # the head returned the losses
+    logits = model(**inputs, use_cache=False).logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+
+
 class LossHead(nn.Module):
     """The model's output head, holding the same ``weight`` and ``bias`` (so tying and state-dict keys
     stay as they were), which returns the summed cross-entropy of the labelled positions instead of
@@ -64,21 +80,39 @@ class LossHead(nn.Module):
         self.weight = head.weight
         self.register_parameter("bias", head.bias)
         self.labels: Optional[torch.Tensor] = None
+        self.per_position = False
 
     @contextmanager
-    def scoring(self, labels: torch.Tensor):
-        """labels (batch, seq): the target of each position's prediction, IGNORE_INDEX where none."""
-        self.labels = labels
+    def scoring(self, labels: torch.Tensor, per_position: bool = False):
+        """labels (batch, seq): the target of each position's prediction, IGNORE_INDEX where none. The head
+        returns their summed loss, or with ``per_position`` each position's loss (no gradient)."""
+        self.labels, self.per_position = labels, per_position
         try:
             yield self
         finally:
-            self.labels = None
+            self.labels, self.per_position = None, False
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.labels is None:
             return F.linear(hidden, self.weight, self.bias)
         labelled = self.labels != IGNORE_INDEX
+        if self.per_position:
+            losses = torch.zeros(self.labels.shape, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+            losses[labelled] = labelled_losses(hidden[labelled], self.labels[labelled], self.weight, self.bias)
+            return losses
         return HeadCrossEntropy.apply(hidden[labelled], self.labels[labelled], self.weight, self.bias)
+
+
+@torch.no_grad()
+def labelled_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """CE(hidden_i W^T + b, target_i) for each row i, chunk by chunk."""
+    losses = torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+    rows = chunk_rows(weight.shape[0])
+    for start in range(0, hidden.shape[0], rows):
+        logits = F.linear(hidden[start : start + rows], weight, bias).to(losses.dtype)
+        target = targets[start : start + rows, None]
+        losses[start : start + rows] = (torch.logsumexp(logits, dim=-1, keepdim=True) - logits.gather(1, target))[:, 0]
+    return losses
 
 
 class HeadCrossEntropy(torch.autograd.Function):

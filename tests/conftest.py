@@ -173,3 +173,35 @@ def lrft_main(args, capfd):
         code = exc.code if isinstance(exc.code, int) else 1
     return code, capfd.readouterr().err
 
+
+
+def choice_task(folder, items) -> str:
+    """An lm-eval task definition of the user's own (what ``lrft eval --include-path`` takes), multiple choice
+    over ``items`` ({question, choices, gold}) in a local JSON-lines file; returns the folder."""
+    import json
+
+    folder.mkdir()
+    data = folder / "items.jsonl"
+    data.write_text("".join(json.dumps(item) + "\n" for item in items))
+    (folder / "tiny_choice.yaml").write_text(
+        "task: tiny_choice\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        "doc_to_text: question\n"
+        "doc_to_choice: choices\n"
+        "doc_to_target: gold\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+    return str(folder)
+
+
+@torch.no_grad()
+def choice_logprob(model, tokenizer, question: str, choice: str) -> float:
+    """Summed log-probability of " choice" after ``question`` (lm-eval's default target delimiter), from one
+    forward of the whole text, in float64; the continuation is what follows the question's own tokens."""
+    context = tokenizer(question)["input_ids"]
+    whole = tokenizer(question + " " + choice)["input_ids"]
+    logprobs = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].double(), -1)
+    return sum(float(logprobs[t - 1, whole[t]]) for t in range(len(context), len(whole)))

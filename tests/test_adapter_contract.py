@@ -34,6 +34,7 @@ from adapter_reference import (
     NAIVE, PARAMETERS, RESUME_OPTIONS, build_layer, check_all, contract_cases, deterministic, naive_figures, naive_of,
     randomize_trainables,
 )
+from conftest import choice_logprob, choice_task
 from lrft.adapters import get_adapter, known_types
 
 TYPES = known_types()
@@ -150,9 +151,9 @@ def load(folder, bits):
     return load_base_model(model_section, quant, torch.device("cpu")), model_section, quant
 
 
-def save_random_adapter(base_folder, bits, kind, options, targets, folder):
-    """An adapter of ``kind`` on the base loaded with ``bits``, trainables randomized, saved in ``folder``;
-    returns the model (eval mode) and its layers."""
+def save_random_adapter(base_folder, bits, kind, options, targets, folder, scale=0.05):
+    """An adapter of ``kind`` on the base loaded with ``bits``, trainables randomized (``scale``), saved in
+    ``folder``; returns the model (eval mode) and its layers."""
     from lrft.adapter_folder import base_record, save_adapter
     from lrft.inject import inject_adapters
     from lrft.model import Dtypes
@@ -162,7 +163,7 @@ def save_random_adapter(base_folder, bits, kind, options, targets, folder):
     torch.manual_seed(1)
     layers = inject_adapters(model, config)
     for layer in layers.values():
-        randomize_trainables(layer, scale=0.05)
+        randomize_trainables(layer, scale=scale)
     save_adapter(folder, layers, config, base_record(model_section, quant, Dtypes.resolve(model_section, quant, torch.device("cpu"))))
     return model.eval(), layers
 
@@ -253,6 +254,35 @@ def test_folded_for_inference_computes_what_the_adapter_does(saved, memory, monk
         figures = compare_logits(list(trained(input_ids=ids).logits.float()), list(folded.model(input_ids=ids).logits.float()))
     rel, kl = TOLERANCES["float32"]
     assert figures["max_abs_logit_diff"] <= rel * max(1.0, figures["max_abs_logit"]) and figures["mean_kl"] <= kl
+
+
+@pytest.mark.parametrize("kind, options", CASES)
+def test_harness_scores_what_the_adapter_scores(kind, options, byte_base, tmp_path):
+    """``lrft eval --harness`` on the adapter folder: lm-eval's log-likelihood of each choice, over the adapter
+    folded into its base, is what the adapter as trained (the model it was saved from) gives, and far from
+    what the base alone gives. Needs the harness extra."""
+    pytest.importorskip("lm_eval")
+    from lrft.harness import run_harness, task_manager
+    from lrft.inference import load_for_inference
+    from lrft.model import load_tokenizer
+
+    folder_path = tmp_path / kind
+    trained, _ = save_random_adapter(byte_base, 4, kind, options, TARGETS, folder_path, scale=0.5)
+    items = [{"question": f"{word} is", "choices": ["red", "blue", "green"], "gold": i % 3}
+             for i, word in enumerate(["The sky", "Grass", "A rose"])]
+    tasks = choice_task(tmp_path / "tasks", items)
+    loaded = load_for_inference(folder_path, None)
+    rows: list = []
+    run_harness(loaded, ["tiny_choice"], task_manager(["tiny_choice"], tasks, None), None, 2, None, rows)
+    tokenizer = load_tokenizer(str(loaded.name))
+    base, _, _ = load(byte_base, 4)
+    changed = 0.0
+    for item, row in zip(items, rows):
+        expected = [choice_logprob(trained, tokenizer, item["question"], choice) for choice in item["choices"]]
+        assert row["scores"] == pytest.approx(expected, abs=2e-3), row["id"]
+        plain = [choice_logprob(base, tokenizer, item["question"], choice) for choice in item["choices"]]
+        changed = max(changed, max(abs(a - b) for a, b in zip(expected, plain)))
+    assert changed > 0.02, changed  # ten times the tolerance: the adapter was applied
 
 
 # --- PEFT's format: exported and read back, or named unsupported ------------------------------------------

@@ -97,3 +97,15 @@ def test_serve_table_rows():
     assert "| 0 | 0 | 0 | 0 | 0 | 30 | 0.5 | -0.0500 | 96 of 160 | 0.0 |" in text
     assert "| 8 | 0.200 | 0.550 | 0.160 | 0.180 | 12.5 | 0.5 | -0.0250 | 96 of 160 | 3.0 |" in text
     assert "through its factors (2 factored)" in text and "scores 0.4125" in text
+
+
+def test_harness_crosscheck_table_is_in_the_docs_and_agrees():
+    """benchmarks/harness_crosscheck.py: docs/evaluation.md holds the table of its committed result, in which
+    lm-eval and lrft's loglik choose alike on every item."""
+    import json
+
+    crosscheck = load_script("benchmarks/harness_crosscheck.py", "bench_harness_crosscheck")
+    result = json.loads(crosscheck.RESULTS.read_text())
+    assert crosscheck.table(result) in crosscheck.PAGE.read_text()
+    assert all(row["same_choice"] == row["n"] for row in result["tasks"])
+    assert sum(row["n"] for row in result["tasks"]) == 1600

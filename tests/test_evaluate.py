@@ -300,28 +300,91 @@ def test_adapter_is_evaluated_on_its_base(tiny, tiny_model_dir, mixed_data, tmp_
         assert a["scores"] != pytest.approx(c["scores"], abs=1e-3)  # the adapter was applied
 
 
-def test_loss_mode_reports_mean_token_loss(tiny, tiny_model_dir, tmp_path):
+def _naive_losses(model, ids, first_target):
+    """(summed loss, tokens) of predicting ids[first_target:] from what precedes, one unpadded forward, float64."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    targets = range(max(1, first_target), len(ids))
+    return sum(-float(logp[t - 1, ids[t]]) for t in targets), len(targets)
+
+
+def test_loss_mode_reports_full_and_answer_only_loss(tiny, tiny_model_dir, tmp_path):
     model, tokenizer = tiny
     sample = tmp_path / "train.jsonl"
     sample.write_text("".join(TRAIN_SAMPLE.read_text().splitlines(keepends=True)[:6]))
-    out = tmp_path / "loss.json"
+    out, preds = tmp_path / "loss.json", tmp_path / "rows.jsonl"
     results = run_eval(adapter=None, model=str(tiny_model_dir), data=sample, tasks=None, limit=None, mode="generate",
-                       batch_size=4, output=out, predictions=None, quantization=None, loss=True)
-    assert json.loads(out.read_text())["mode"] == "loss" and results["n"] == 6
+                       batch_size=4, output=out, predictions=preds, quantization=None, loss=True)
+    assert json.loads(out.read_text())["mode"] == "loss" and results["n"] == 6 and results["format"] == "commonsense"
     assert results["perplexity"] == pytest.approx(math.exp(results["loss"]))
-    # independent: each record alone, no padding, mean over all target tokens
-    from lrft.data import tokenize_record
+    assert results["answer_perplexity"] == pytest.approx(math.exp(results["answer_loss"]))
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(6))
+    # independent: each record alone, no padding; the answer is what follows as many tokens as the prompt alone
+    # has (training's masking: the prompt's last token may merge with the answer's first)
+    from lrft.data import training_text
 
-    total, count = 0.0, 0
-    for line in sample.read_text().splitlines():
-        ids = tokenize_record(json.loads(line), tokenizer, "commonsense", 256, True)["input_ids"]
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, :-1]
-        total += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum"))
-        count += len(ids) - 1
-    assert results["tokens"] == count
-    assert results["loss"] == pytest.approx(total / count, rel=1e-4)
+    totals = {"all": [0.0, 0], "answer": [0.0, 0]}
+    for row, line in zip(rows, sample.read_text().splitlines()):
+        record = json.loads(line)
+        ids = tokenizer(training_text(record, "commonsense"))["input_ids"] + [tokenizer.eos_token_id]
+        prompt = tokenizer(training_text(record, "commonsense", with_output=False))["input_ids"]
+        for key, first in (("all", 1), ("answer", len(prompt))):
+            total, count = _naive_losses(model, ids, first)
+            totals[key][0] += total
+            totals[key][1] += count
+            prefix = "" if key == "all" else "answer_"
+            assert row[f"{prefix}tokens"] == count
+            assert row[f"{prefix}loss_sum"] == pytest.approx(total, rel=1e-4)
+    assert results["tokens"] == totals["all"][1] and results["answer_tokens"] == totals["answer"][1]
+    assert results["loss"] == pytest.approx(totals["all"][0] / totals["all"][1], rel=1e-4)
+    assert results["answer_loss"] == pytest.approx(totals["answer"][0] / totals["answer"][1], rel=1e-4)
     assert math.log(49152) - 0.5 < results["loss"] < math.log(49152) + 0.5  # a random model: about uniform
+
+
+def test_loss_on_chat_data_takes_the_answer_from_the_assistant_turns(tiny, tiny_model_dir, tmp_path):
+    model, tokenizer = tiny
+    chat = Path(__file__).resolve().parents[1] / "lrft" / "samples" / "chat" / "commonsense_chat.jsonl"
+    preds = tmp_path / "rows.jsonl"
+    results = run_eval(adapter=None, model=str(tiny_model_dir), data=chat, tasks=None, limit=3, mode="generate",
+                       batch_size=2, output=None, predictions=preds, quantization=None, loss=True, cutoff_len=1024)
+    assert results["format"] == "messages" and results["n"] == 3
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    render = lambda messages, open_turn: tokenizer(  # noqa: E731
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_turn), add_special_tokens=False
+    )["input_ids"]
+    for row, line in zip(rows, chat.read_text().splitlines()[:3]):
+        messages = json.loads(line)["messages"]
+        ids = render(messages, False)
+        # each assistant turn: what the conversation up to its end adds to the one that ends before it
+        answer = set()
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                answer |= set(range(len(render(messages[:i], True)), len(render(messages[: i + 1], False))))
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        answer_losses = [-float(logp[t - 1, ids[t]]) for t in sorted(answer) if t >= 1]
+        all_total, all_count = _naive_losses(model, ids, 1)
+        assert row["tokens"] == all_count and row["loss_sum"] == pytest.approx(all_total, rel=1e-4)
+        assert row["answer_tokens"] == len(answer_losses) > 0
+        assert row["answer_loss_sum"] == pytest.approx(sum(answer_losses), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "record, args, message",
+    [
+        ({"text": "no known fields"}, [], "--format"),
+        ({"instruction": "q", "output": "a"}, ["--format", "alpacca"], "did you mean alpaca"),
+        ({"instruction": "q", "output": "a"}, ["--cutoff-len", "4"], "--cutoff-len 4"),
+    ],
+)
+def test_loss_input_errors_exit_2(record, args, message, tiny_model_dir, tmp_path, capfd):
+    from conftest import lrft_main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(record) + "\n")
+    code, err = lrft_main(["eval", "--model", str(tiny_model_dir), "--loss", "--data", str(data), *args], capfd)
+    assert code == 2 and message in err, err
 
 
 def test_trainer_eval_section_shape(tiny, mixed_data):

@@ -151,3 +151,32 @@ def test_right_padded_rows_without_a_mask_give_each_example_its_own_loss_and_gra
     torch.testing.assert_close(together, alone, rtol=1e-10, atol=1e-10)
     for a, b in zip(torch.autograd.grad(together, trained), torch.autograd.grad(alone, trained)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_head", [False, True])
+@pytest.mark.parametrize("chunk_rows", [1, 1000])
+def test_position_losses_are_each_positions_cross_entropy(with_head, chunk_rows, monkeypatch):
+    """What ``lrft eval --loss`` sums per example: position t's loss against label t + 1, 0 where none, the
+    same through the loss head (chunked) as through full logits."""
+    from lrft.loss import position_losses
+
+    monkeypatch.setattr(loss_module, "CHUNK_BYTES", chunk_rows * 4 * VOCAB)
+    model, _ = tiny_model("llama")
+    if with_head:
+        assert use_loss_head(model)
+    batch = batch_of()
+    got = position_losses(model, batch)
+    with torch.no_grad():
+        if with_head:
+            model.set_output_embeddings(torch.nn.Linear(32, VOCAB, bias=False))
+            model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        logp = torch.log_softmax(model(input_ids=batch["input_ids"]).logits.double(), dim=-1)
+    labels = batch["labels"]
+    expected = torch.zeros(labels.shape, dtype=torch.float64)
+    for row in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            if labels[row, t + 1] != IGNORE_INDEX:
+                expected[row, t] = -logp[row, t, labels[row, t + 1]]
+    assert got.shape == labels.shape and not got.requires_grad
+    torch.testing.assert_close(got.double(), expected, atol=1e-9, rtol=1e-9)
+    assert float(got.sum()) == pytest.approx(float(naive_loss(model, batch)), rel=1e-9)
