@@ -169,12 +169,12 @@ def print_comparison(result: dict, console) -> None:
         table = Table(title=f"{metric}: B - A, paired bootstrap ({result['resamples']} resamples, {int(100 * result['level'])} % interval)")
         for column, justify in (("task", "left"), ("n", "right"), ("A", "right"), ("B", "right"), ("B - A", "right"),
                                 ("interval", "right"), ("p", "right")):
-            table.add_column(column, justify=justify)
+            table.add_column(column, justify=justify, no_wrap=True)
         for task, s in per_task.items():
             if task == "mean":
                 table.add_section()
-            table.add_row(task, str(s["n"]), f"{s['a']:.4f}", f"{s['b']:.4f}", f"{s['difference']:+.4f}",
-                          f"[{s['low']:+.4f}, {s['high']:+.4f}]", _p_value(s["p"], result["resamples"]))
+            table.add_row(task, str(s["n"]), f"{s['a']:.3f}", f"{s['b']:.3f}", f"{s['difference']:+.3f}",
+                          f"[{s['low']:+.3f}, {s['high']:+.3f}]", _p_value(s["p"], result["resamples"]))
         console.print(table)
     if result["kind"] == "accuracy":
         console.print(f"A: {result['a']}\nB: {result['b']}\nonly A right on {result['only_a_correct']} examples, "
