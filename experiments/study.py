@@ -243,7 +243,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             new = commit(args.message)
             print(f"{BRANCH}: {new[:12]}" if new else f"nothing to commit: {BRANCH} already holds {RESULTS_PATH}/")
     except (MissingResults, RuntimeError) as exc:
-        sys.exit(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)  # as lrft's own commands: the input (the checkout's state) is what is wrong
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -202,6 +203,11 @@ def _format_error(err: dict, adapter_cls: Optional[type[BaseModel]], adapter_typ
         msg = msg[len("Value error, ") :]
     value = err.get("input")
     shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
+    if err["type"] == "literal_error" and isinstance(value, str):
+        choices = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
+        close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
+        if close:
+            shown += f"; did you mean {close[0]!r}?"
     return f"{dotted}: {msg}{shown}"
 
 

@@ -25,6 +25,7 @@ def test_valid_recipe_and_defaults():
         ({**BASE, "adapter": {"type": "lorra"}}, "unknown adapter type 'lorra'; did you mean lora?"),
         ({"adapter": {"type": "lora"}}, "data: required key is missing"),
         ({**BASE, "quantization": {"bits": 3}}, "quantization.bits:"),
+        ({**BASE, "data": {"path": "x.jsonl", "format": "alpacca"}}, "(got 'alpacca'); did you mean 'alpaca'?"),
     ],
 )
 def test_recipe_errors_are_one_line(data, message):

@@ -376,5 +376,4 @@ __all__ = [
     "SharedTensors",
     "PUBLISHED_TARGETS",
     "kaiming_uniform_",
-    "Literal",
 ]
