@@ -403,11 +403,14 @@ def finish(run: Run) -> Path:
             from .evaluate import evaluate_model, print_results
 
             run.model.eval()
+            rows: list[dict] = []
             results = evaluate_model(
                 acc.unwrap_model(run.model), run.tokenizer, recipe.eval.data, recipe.eval.tasks, recipe.eval.limit,
-                recipe.eval.mode, recipe.eval.batch_size,
+                recipe.eval.mode, recipe.eval.batch_size, rows,
             )
             write_json_atomic(run.output_dir / "eval.json", results)
+            # every example's result, so that two runs compare paired: lrft eval --compare A B
+            write_text_atomic(run.output_dir / "eval_predictions.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
             print_results(results, run.console)
             info["eval_mean_accuracy"] = results.get("mean_accuracy")
         write_json_atomic(run.output_dir / "run.json", info)

@@ -54,6 +54,27 @@ def test_train_writes_the_run_layout(tiny_model_dir, tmp_path):
     assert run["dtypes"] == {"load": "float32", "compute": "float32", "frozen": "float32"}
 
 
+def test_eval_section_writes_results_and_every_example(tiny_model_dir, tmp_path, capfd):
+    """The recipe's eval section: eval.json, run.json's mean accuracy, and eval_predictions.jsonl, which
+    lrft eval --compare takes (a run against itself: no difference)."""
+    out = tmp_path / "run"
+    result = run_cli(tiny_args(tiny_model_dir, out, "--max-steps", "1", "--set", "eval.data=lrft/samples/commonsense/dev",
+                               "--set", "eval.tasks=[boolq,piqa]", "--set", "eval.limit=3", "--set", "eval.mode=loglik"))
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "eval.json").read_text())
+    rows = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"{t}/{i}" for t in ("boolq", "piqa") for i in range(3)]
+    assert results["mean_accuracy"] == pytest.approx(sum(
+        sum(r["correct"] for r in rows if r["task"] == t) / 3 for t in ("boolq", "piqa")) / 2)
+    assert json.loads((out / "run.json").read_text())["eval_mean_accuracy"] == results["mean_accuracy"]
+    from conftest import lrft_main
+
+    code, err = lrft_main(["eval", "--compare", str(out / "eval_predictions.jsonl"), str(out / "eval_predictions.jsonl"),
+                           "--output", str(tmp_path / "cmp.json")], capfd)
+    assert code == 0, err
+    assert json.loads((tmp_path / "cmp.json").read_text())["metrics"]["accuracy"]["mean"]["difference"] == 0
+
+
 def test_loss_falls_on_the_sample(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     result = run_cli(tiny_args(tiny_model_dir, out, "--max-steps", "30", "--set", "training.learning_rate=3e-3",
