@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch.nn import functional as F
 
-from .data import FORMATS, IGNORE_INDEX, RecordError, chat_template, collate, eval_prompt, micro_batches, read_records, target_tokens
+from .data import FORMATS, IGNORE_INDEX, RecordError, collate, eval_prompt, micro_batches, read_records, target_tokens
 from .errors import UserError
 from .io import write_json_atomic, write_text_atomic
 from .loss import position_losses, summed_token_loss, use_loss_head
@@ -524,10 +524,11 @@ def loss_examples(records: list, tokenizer, fmt: str, cutoff_len: int, source) -
     if cutoff_len < 8:
         raise UserError(f"--cutoff-len {cutoff_len} must be at least 8")
     data_format = FORMATS[fmt]
-    options = dict(format=fmt, cutoff_len=cutoff_len, chat_template=None, path=str(source))
-    everything = SimpleNamespace(**options, train_on_inputs=True, train_on="all")
-    answer_only = SimpleNamespace(**options, train_on_inputs=False, train_on="assistant")
-    template = chat_template(everything, tokenizer, "the model") if data_format.chat else None
+    if data_format.chat and not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"--data {source} holds conversations and the model's tokenizer has no chat template to render them")
+    everything = SimpleNamespace(format=fmt, cutoff_len=cutoff_len, train_on_inputs=True, train_on="all")
+    answer_only = SimpleNamespace(format=fmt, cutoff_len=cutoff_len, train_on_inputs=False, train_on="assistant")
+    template = None  # the tokenizer's own
     examples = []
     for number, record in enumerate(records, 1):
         try:

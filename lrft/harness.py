@@ -84,15 +84,26 @@ def _number(value: Any) -> Optional[float]:
     return None  # lm-eval writes "N/A" where it has no stderr
 
 
+def _examples(raw: dict, name: str) -> Optional[int]:
+    """A task's evaluated examples; a group's, summed over its tasks."""
+    if name in raw.get("n-samples", {}):
+        return raw["n-samples"][name].get("effective")
+    parts = [_examples(raw, part) for part in raw.get("group_subtasks", {}).get(name, [])]
+    return sum(parts) if parts and None not in parts else None
+
+
 def summarize(raw: dict) -> dict[str, dict]:
     """Each task's and group's metrics from lm-eval's results: {name: {"n": examples, "metrics": {..}}}."""
     summary = {}
+    # a group is listed under "results" too; "groups" has its aggregate metrics
     for section in ("results", "groups"):
         for name, values in raw.get(section, {}).items():
-            metrics = {_metric_name(k): _number(v) for k, v in values.items() if "," in k}
-            n = raw.get("n-samples", {}).get(name, {}).get("effective")
-            entry = summary.setdefault(name, {"n": n, "metrics": {}, "group": section == "groups"})
-            entry["metrics"].update({k: v for k, v in metrics.items() if v is not None or k not in entry["metrics"]})
+            n = _examples(raw, name)
+            entry = summary.setdefault(name, {"n": n, "metrics": {}, "group": False})
+            entry["group"] = entry["group"] or section == "groups"
+            for key, value in values.items():
+                if "," in key and (_number(value) is not None or _metric_name(key) not in entry["metrics"]):
+                    entry["metrics"][_metric_name(key)] = _number(value)
     return summary
 
 

@@ -51,6 +51,27 @@ def test_harness_refuses_several_processes(monkeypatch, capfd):
     assert code == 2 and "one process" in err
 
 
+def test_summary_of_lm_eval_results():
+    """lm-eval's results dictionary (its layout, written here): metrics without their "none" filter, a
+    filtered one as metric/filter, "N/A" as None, a group marked and given its aggregate."""
+    from lrft.harness import summarize
+
+    raw = {
+        "results": {
+            "g": {"alias": "g", " ": " "},
+            "t1": {"alias": "t1", "acc,none": 0.5, "acc_stderr,none": 0.1, "exact_match,strict-match": 1.0},
+            "t2": {"alias": "t2", "acc,none": 0.25, "acc_stderr,none": "N/A"},
+        },
+        "groups": {"g": {"alias": "g", "acc,none": 0.375, "acc_stderr,none": 0.05}},
+        "n-samples": {"t1": {"original": 9, "effective": 4}, "t2": {"original": 4, "effective": 4}},
+        "group_subtasks": {"g": ["t1", "t2"], "t1": [], "t2": []},
+    }
+    summary = summarize(raw)
+    assert summary["t1"] == {"n": 4, "metrics": {"acc": 0.5, "acc_stderr": 0.1, "exact_match/strict-match": 1.0}, "group": False}
+    assert summary["t2"]["metrics"] == {"acc": 0.25, "acc_stderr": None}
+    assert summary["g"] == {"n": 8, "metrics": {"acc": 0.375, "acc_stderr": 0.05}, "group": True}
+
+
 # --- with lm-eval ---------------------------------------------------------------------------------
 
 
