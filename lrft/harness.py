@@ -164,8 +164,6 @@ def run_harness(
             model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
             log_samples=predictions is not None, verbosity="ERROR",
         )
-    except UserError:
-        raise
     except (ConnectionError, OSError) as exc:
         raise UserError(
             f"an lm-eval task's dataset could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
