@@ -87,6 +87,8 @@ def eval_(
         "needs the harness extra"),
     include_path: Optional[Path] = typer.Option(None, "--include-path", help="with --harness: a folder of your own lm-eval task files"),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="with --harness: few-shot examples per prompt (default: each task's)"),
+    apply_chat_template: bool = typer.Option(
+        False, "--apply-chat-template", help="with --harness: render each prompt as a user turn with the model's chat template"),
     data_format: Optional[str] = typer.Option(None, "--format", help="with --loss: the data format (default: from the records' fields)"),
     cutoff_len: int = typer.Option(256, "--cutoff-len", help="with --loss: tokens kept per example, as data.cutoff_len"),
     compare: Optional[Tuple[Path, Path]] = typer.Option(
@@ -106,6 +108,7 @@ def eval_(
         adapter=adapter, model=model, data=data, tasks=tasks, limit=limit, mode=mode.value, batch_size=batch_size,
         output=output, predictions=predictions, quantization=quantization, loss=loss, keep_quantized=keep_quantized,
         harness=harness, include_path=include_path, num_fewshot=num_fewshot, data_format=data_format, cutoff_len=cutoff_len,
+        apply_chat_template=apply_chat_template,
     )
 
 

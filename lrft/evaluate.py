@@ -680,6 +680,7 @@ def run_eval(
     num_fewshot: Optional[int] = None,
     data_format: Optional[str] = None,
     cutoff_len: int = LOSS_CUTOFF,
+    apply_chat_template: bool = False,
 ) -> dict:
     """``lrft eval``: commonsense-8 (``mode``), lm-eval tasks (``harness``) or token loss (``loss``); every
     input is checked before the model loads."""
@@ -697,8 +698,8 @@ def run_eval(
         raise UserError(f"--mode {mode!r} is unknown; use generate or loglik")
     if harness is not None and loss:
         raise UserError("--harness and --loss are two evaluations; run them one at a time")
-    if harness is None and (include_path is not None or num_fewshot is not None):
-        raise UserError("--include-path and --num-fewshot apply to --harness only")
+    if harness is None and (include_path is not None or num_fewshot is not None or apply_chat_template):
+        raise UserError("--include-path, --num-fewshot and --apply-chat-template apply to --harness only")
     if not loss and (data_format is not None or cutoff_len != LOSS_CUTOFF):
         raise UserError("--format and --cutoff-len apply to --loss only")
     if num_fewshot is not None and num_fewshot < 0:
@@ -733,7 +734,9 @@ def run_eval(
     if harness is not None:
         from .harness import run_harness
 
-        results = run_harness(loaded, names, manager, limit, batch_size, num_fewshot, rows)
+        if apply_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
+            raise UserError(f"--apply-chat-template: the tokenizer of {loaded.name} has no chat template; leave the option out")
+        results = run_harness(loaded, names, manager, limit, batch_size, num_fewshot, rows, apply_chat_template)
         results["data"] = str(data) if data is not None else None
     elif loss:
         results = evaluate_loss_file(loaded.model, loaded.tokenizer, data, limit, batch_size, data_format, cutoff_len, rows)

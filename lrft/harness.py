@@ -147,7 +147,7 @@ def sample_rows(raw: dict) -> list[dict]:
 
 def run_harness(
     loaded, names: list[str], manager, limit: Optional[int], batch_size: int, num_fewshot: Optional[int],
-    predictions: Optional[list] = None,
+    predictions: Optional[list] = None, apply_chat_template: bool = False,
 ) -> dict:
     """lm-eval's ``simple_evaluate`` of ``loaded`` (a :class:`lrft.inference.Loaded`) on ``names``; lrft's
     results dictionary, the example rows appended to ``predictions``."""
@@ -162,7 +162,9 @@ def run_harness(
     try:
         raw = lm_eval.simple_evaluate(
             model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-            log_samples=predictions is not None, verbosity="ERROR",
+            log_samples=predictions is not None, verbosity="ERROR", apply_chat_template=apply_chat_template,
+            # few-shot examples as earlier turns of the conversation, as lm-eval does by default with a template
+            fewshot_as_multiturn=apply_chat_template,
         )
     except (ConnectionError, OSError) as exc:
         raise UserError(
@@ -174,7 +176,8 @@ def run_harness(
         predictions.extend(sample_rows(raw))
     return {
         "mode": "harness",
-        "harness": {"lm_eval": getattr(lm_eval, "__version__", None), "tasks": names, "num_fewshot": num_fewshot},
+        "harness": {"lm_eval": getattr(lm_eval, "__version__", None), "tasks": names, "num_fewshot": num_fewshot,
+                    "apply_chat_template": apply_chat_template},
         "limit": limit,
         "batch_size": batch_size,
         "tasks": summarize(raw),

@@ -32,6 +32,7 @@ def test_without_lm_eval_the_error_says_how_to_install(monkeypatch, capfd):
         (["--harness", "lrft_boolq", "--loss", "--data", "x.jsonl"], "one at a time"),
         (["--include-path", "tasks", "--data", "dev"], "apply to --harness only"),
         (["--num-fewshot", "5", "--data", "dev"], "apply to --harness only"),
+        (["--apply-chat-template", "--data", "dev"], "apply to --harness only"),
         (["--harness", "lrft_boolq", "--tasks", "boolq"], "--tasks names commonsense tasks"),
         (["--harness", " , "], "--harness is empty"),
         (["--harness", "lrft_boolq", "--num-fewshot", "-1"], "--num-fewshot -1"),
@@ -151,6 +152,35 @@ def test_own_task_files_and_the_results_files(lm_eval, tiny_model_dir, tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     for item, row in zip(items, rows):
         expected = [choice_logprob(model, tokenizer, item["question"], choice) for choice in item["choices"]]
+        assert row["scores"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_chat_template_renders_each_prompt_as_a_user_turn(lm_eval, tiny_model_dir, tmp_path):
+    """--apply-chat-template: the context is the question as a user turn under the model's template with the
+    assistant's turn opened, and each choice follows it directly (lm-eval drops the target delimiter); as
+    everywhere in lm-eval, the context's trailing whitespace (the template's newline) is scored with the choice."""
+    from lrft.model import load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    items = [{"question": f"Is {i} even?", "choices": ["yes", "no"], "gold": i % 2} for i in range(3)]
+    tasks = choice_task(tmp_path / "tasks", items)
+    out, preds = tmp_path / "r.json", tmp_path / "p.jsonl"
+    assert lrft_main_ok(["eval", "--model", str(tiny_model_dir), "--harness", "tiny_choice", "--include-path", tasks,
+                         "--apply-chat-template", "--output", str(out), "--predictions", str(preds)]) == 0
+    assert json.loads(out.read_text())["harness"]["apply_chat_template"] is True
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for item, row in zip(items, rows):
+        context = tokenizer.apply_chat_template([{"role": "user", "content": item["question"]}], tokenize=False,
+                                                add_generation_prompt=True)
+        context_ids = tokenizer(context.rstrip(), add_special_tokens=False)["input_ids"]
+        expected = []
+        for choice in item["choices"]:
+            whole = tokenizer(context + choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+            expected.append(sum(float(logprobs[t - 1, whole[t]]) for t in range(len(context_ids), len(whole))))
         assert row["scores"] == pytest.approx(expected, abs=1e-3)
 
 
