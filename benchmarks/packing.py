@@ -120,12 +120,17 @@ def write_docs(text: str, micro_batch: int = 8) -> None:
         write_section(begin, end, f"Padding, length grouping and packing at micro-batch {micro_batch}", text)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=DATA)
+def add_run_options(parser: argparse.ArgumentParser, data: str) -> None:
+    """The options of a benchmark that alternates fresh training runs (this one and peers.py)."""
+    parser.add_argument("--data", default=data)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_options(parser, DATA)
     parser.add_argument("--micro-batch", type=int, default=8, help="examples (or packed rows) per micro-batch and step")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     args = parser.parse_args()

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from docs_section import write_section
-from packing import cpu_flags
+from packing import add_run_options, cpu_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "lrft/samples/commonsense/train_mix.jsonl"
@@ -240,10 +240,7 @@ def versions() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=DATA)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=2)
+    add_run_options(parser, DATA)
     parser.add_argument("--no-masked", action="store_true", help="skip the lrft-only masked-share part")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
