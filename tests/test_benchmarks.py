@@ -109,3 +109,12 @@ def test_harness_crosscheck_table_is_in_the_docs_and_agrees():
     assert crosscheck.table(result) in crosscheck.PAGE.read_text()
     assert all(row["same_choice"] == row["n"] for row in result["tasks"])
     assert sum(row["n"] for row in result["tasks"]) == 1600
+
+
+def test_peers_table_is_in_the_docs():
+    """benchmarks/peers.py: docs/benchmarks.md holds the table of its committed result."""
+    import json
+
+    peers = load_script("benchmarks/peers.py", "bench_peers")
+    result = json.loads(peers.RESULTS.read_text())
+    assert peers.table(result) in (peers.ROOT / "docs" / "benchmarks.md").read_text()
