@@ -5,10 +5,9 @@ keeps the pages of freed ones: the holes that a forward's temporaries leave betw
 keeps for the backward stay resident until a block fits them, and many never do, so a training process
 holds far more than it uses (docs/memory.md measures how much). ``malloc_trim(0)`` hands every free page
 inside the heap back, for the price of faulting the pages in again when they are reused. Training calls it
-after each micro-batch's backward, and with gradient checkpointing (a run that asked for the least memory)
-also after each decoder layer's forward, which keeps the holes to about one layer's temporaries; ``lrft
-train`` runs with glibc's heap in transparent huge pages, so the faults are few (docs/memory.md, "The
-heap", has what each costs).
+after each decoder layer's forward, which keeps the holes to about one layer's temporaries, and after each
+micro-batch's backward; ``lrft train`` runs with glibc's heap in transparent huge pages, so the faults are
+few (docs/memory.md, "The heap", has what each costs and why both are the default).
 
 Only where the C library is glibc (Linux); elsewhere, and on GPUs, whose allocator caches blocks itself,
 nothing is done.

@@ -55,9 +55,10 @@ from .recipe import Recipe
 MB = 2**20
 DATA_SAMPLE = 2_000  # records the dry run tokenizes at most (drawn at random when the data has more)
 
-# The CPU estimate's calibrated constant (docs/memory.md: on what, and how well it transfers): the memory
-# glibc's heap keeps after free between the trims of lrft.heap, in decoder layers' worth of saved
-# activations, with and without gradient checkpointing
+# The CPU estimate's calibrated constant (docs/memory.md: on what, and how well it transfers), with gradient
+# checkpointing only: what a recomputed layer's backward holds beyond the formula's terms and the memory
+# glibc's heap keeps between the trims of lrft.heap, in decoder layers' worth of saved activations. Without
+# checkpointing the per-layer trims leave the heap next to nothing beyond the working set.
 HEAP_LAYERS = 12.0
 # Python lists of the tokenized data: an int object (28 B) and a list slot (8 B) per token id, a slot per
 # label (labels share the ids' objects); packed rows add position ids and their int objects
@@ -442,14 +443,15 @@ def logits_bytes(s: Shapes) -> float:
 
 
 def activation_terms(s: Shapes, layer: float, checkpointing: bool, cpu: bool) -> dict[str, float]:
-    """The micro-batch's terms (bytes): saved activations, the logits and, on the CPU, the heap glibc keeps.
-    ``layer`` is one decoder layer's saved activations, adapters included. Checkpointing keeps each layer's
-    input and the final norm's and recomputes one layer at a time; without it the final norm's input
-    cancels the first layer's input norm, which keeps nothing (the frozen embeddings need no gradient)."""
+    """The micro-batch's terms (bytes): saved activations, the logits and, on the CPU with checkpointing, the
+    heap glibc keeps. ``layer`` is one decoder layer's saved activations, adapters included. Checkpointing
+    keeps each layer's input and the final norm's and recomputes one layer at a time; without it the final
+    norm's input cancels the first layer's input norm, which keeps nothing (the frozen embeddings need no
+    gradient)."""
     hidden = s.tokens * s.hidden * s.act_bytes
     saved = (s.layers + 1) * hidden + layer if checkpointing else s.layers * layer
     terms = {"saved_activations": saved, "logits": logits_bytes(s)}
-    if cpu:
+    if cpu and checkpointing:
         terms["heap_retention"] = HEAP_LAYERS * layer
     return terms
 

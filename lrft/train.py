@@ -213,8 +213,8 @@ def setup_model(recipe: Recipe, accelerator, dtypes: Dtypes, total_steps: int, s
     use_row_attention(model, dtypes.compute)  # micro-batches as one row of real tokens (lrft.data.collate)
     use_swiglu(model)  # the MLPs keep two intermediate-sized tensors for the backward, not three
     use_loss_head(model)
-    if accelerator.device.type == "cpu" and tcfg.gradient_checkpointing:  # least memory: trim per layer too
-        trim_after_each_layer(model)
+    if accelerator.device.type == "cpu":
+        trim_after_each_layer(model)  # and after each micro-batch (optimizer_step): lrft/heap.py
     if state is not None:  # before FSDP shards the adapter's tensors
         load_adapter_state_dict(layers, state["adapter"], source=str(state["path"] / "adapter" / "adapter.safetensors"))
     model.train()
