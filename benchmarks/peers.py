@@ -257,7 +257,9 @@ def main() -> None:
     if args.worker:
         return trl_worker(args.worker, args.data, args.steps, args.out)
     if args.table:
-        return write_section(BEGIN, END, HEADING, table(json.loads(RESULTS.read_text())))
+        text = table(json.loads(RESULTS.read_text()))
+        print(f"{text}\n\ndocs/benchmarks.md rewritten from {RESULTS.relative_to(ROOT)}")
+        return write_section(BEGIN, END, HEADING, text)
     try:
         import trl  # noqa: F401
     except ImportError:
